@@ -1,0 +1,108 @@
+"""Wiring: one ``Balancer`` built from a ``Config``, installed into an aiohttp application.
+
+``build_app(config)`` gives a ready ``web.Application``; ``install(app, config)`` adds the
+balancer to an application you already have (its routes catch every path not routed before).
+Resources that live as long as the app (the pooled client session, the health checker, the
+mail queue) are opened and closed in one ``cleanup_ctx``; there is no module-level session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .admin import AdminEndpoints
+from .affinity import StickyCookie
+from .alerts import AlertMailer
+from .config import Config, build_config
+from .health import HealthChecker
+from .pool import Pool
+from .protocol_log import PROTOCOL_LOGGER
+from .proxy import HttpProxy
+from .websocket import WebSocketRelay
+
+
+class Balancer:
+    """All running pieces of one load balancer, created from its (frozen) config."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pool = Pool.from_config(config)
+        self.cookie = StickyCookie(config.cookie)
+        self._session: aiohttp.ClientSession | None = None
+        self.websockets = WebSocketRelay(config, self.pool, self.cookie, self.session)
+        self.proxy = HttpProxy(config, self.pool, self.cookie, self.session, self.websockets)
+        self.admin = AdminEndpoints(config, self.pool)
+        self.checker = HealthChecker(config, self.pool)
+        self.alerts = AlertMailer(config, self.pool) if config.email else None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("the balancer is not running (its app has not started)")
+        return self._session
+
+    async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=False),
+            cookie_jar=aiohttp.DummyCookieJar(),  # one user's cookies never reach another
+            auto_decompress=False,
+            trust_env=False,
+            max_field_size=self.config.limits.max_header_size * 2,
+        )
+        if self.alerts is not None:
+            await self.alerts.start()
+        await self.checker.start()
+        try:
+            yield
+        finally:
+            await self.checker.stop()
+            if self.alerts is not None:
+                await self.alerts.stop()
+            await self._session.close()
+            self._session = None
+
+    async def on_shutdown(self, app: web.Application) -> None:
+        await self.websockets.close_all()
+
+
+BALANCER_KEY = web.AppKey("stickylb.balancer", Balancer)
+
+
+def install(app: web.Application, config: Config) -> Balancer:
+    """Add a balancer for ``config`` to ``app``; routes added before it keep priority."""
+    balancer = Balancer(config)
+    app[BALANCER_KEY] = balancer
+    balancer.admin.routes(app)
+    app.router.add_route("*", "/{tail:.*}", balancer.proxy.handle)
+    app.cleanup_ctx.append(balancer.lifespan)
+    app.on_shutdown.append(balancer.on_shutdown)
+    return balancer
+
+
+def build_app(config: Config | Mapping[str, Any]) -> web.Application:
+    """A ``web.Application`` that is one load balancer.
+
+    >>> app = build_app({"port": 0, "backends": [{"id": 0, "url": "http://127.0.0.1:5000"}]})
+    >>> app[BALANCER_KEY].config.strategy
+    'round-robin'
+    """
+    if not isinstance(config, Config):
+        config = build_config(config)
+    app = web.Application(handler_args=handler_args(config))
+    install(app, config)
+    return app
+
+
+def handler_args(config: Config) -> dict[str, Any]:
+    """Per-connection settings of aiohttp's server for this config (pass them when embedding)."""
+    return {
+        "auto_decompress": False,  # request bodies pass through exactly as the client sent them
+        "max_field_size": config.limits.max_header_size,
+        "max_line_size": max(config.limits.max_header_size, 8190),
+        "max_headers": config.limits.max_headers,
+        "keepalive_timeout": config.timeouts.keep_alive,
+        "logger": PROTOCOL_LOGGER,
+    }

@@ -1,0 +1,101 @@
+"""The command line: ``stickylb CONFIG``, ``stickylb --check CONFIG``, ``stickylb demo``.
+
+Exit status: 0 on a clean stop, 2 for an invalid config (one line per problem on stderr, no
+traceback), 1 when the balancer cannot start (port in use, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .config import ConfigError, describe, load_config
+from .loops import LOOP_CHOICES, loop_factory, loop_name
+from .server import StartupError, serve
+
+EXIT_CONFIG = 2
+EXIT_STARTUP = 1
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stickylb",
+        description="Sticky-session HTTP and WebSocket load balancer. "
+        "Run 'stickylb demo' for a three-backend demo.",
+    )
+    parser.add_argument("config", help="path to the JSON config file")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config, print the resolved settings and exit",
+    )
+    _common_options(parser)
+    return parser
+
+
+def _common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=f"stickylb {__version__}")
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="log verbosity (default: info)"
+    )
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log every proxied request at INFO on stickylb.access",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=LOOP_CHOICES,
+        default="auto",
+        help="event loop: uvloop when installed (auto), or force one",
+    )
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "demo":
+        from .demo import main as demo_main
+
+        demo_main(args_list[1:])
+        return
+    args = _parser().parse_args(args_list)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"stickylb: config error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    if args.check:
+        print(json.dumps(describe(config), indent=2))
+        print(f"stickylb: {args.config}: OK", file=sys.stderr)
+        return
+    setup_logging(args.log_level)
+    try:
+        factory = loop_factory(args.loop)
+    except RuntimeError as exc:
+        print(f"stickylb: {exc}", file=sys.stderr)
+        sys.exit(EXIT_STARTUP)
+    logging.getLogger("stickylb").debug("event loop: %s", loop_name(factory))
+    access_log = logging.getLogger("stickylb.access") if args.access_log else None
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(serve(config, access_log=access_log))
+    except StartupError as exc:
+        print(f"stickylb: {exc}", file=sys.stderr)
+        sys.exit(EXIT_STARTUP)
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,608 @@
+"""Theory of operation: the configuration, from a JSON file to frozen typed models.
+
+The config flows one way: ``load_config(path)`` reads the file, environment variables
+(``STICKYLB_`` prefix, ``__`` for nesting) override it, and pydantic validates the result into
+the frozen ``Config`` below. The running pieces receive these models and never reach back into
+the raw JSON or mutate them; runtime state (health, counters) lives in ``pool.py``.
+
+Every key of smart-stick-loadbalancer 1.1.0 is accepted with its own (camelCase) spelling and
+meaning; snake_case spellings are accepted too. Unknown keys are errors, with a "did you mean".
+Durations given as numbers are milliseconds; strings take a unit (``"10s"``).
+
+Invalid input raises ``ConfigError`` whose ``problems`` are one line per problem, each naming the
+field path (``backends.1.url: ...``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import ipaddress
+import json
+import os
+import sys
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from yarl import URL
+
+from .durations import format_duration, format_ms, parse_duration, parse_size
+from .health_rules import ALGORITHMS, ResponseRule, parse_status_ranges
+from .mail_services import KNOWN_MAIL_SERVICES, Security
+from .strategies import STRATEGIES
+
+DEFAULT_STRATEGY = "round-robin"
+DEFAULT_COOKIE_NAME = "X-Backend-ID"
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 60.0
+DEFAULT_WEBSOCKET_IDLE_TIMEOUT = 3600.0
+DEFAULT_KEEPALIVE_TIMEOUT = 75.0
+DEFAULT_WS_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+DEFAULT_HEALTH_INTERVAL = 10.0
+DEFAULT_HEALTH_TIMEOUT = 2.0
+DEFAULT_RISE = 2
+DEFAULT_FALL = 3
+DEFAULT_MAX_FAILS = 3
+DEFAULT_FAIL_WINDOW = 10.0
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_MAIL_COOLDOWN = 60.0
+DEFAULT_MAIL_TIMEOUT = 10.0
+LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128")
+
+Duration = Annotated[
+    float, BeforeValidator(parse_duration), PlainSerializer(format_duration, when_used="json")
+]
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+HealthCallable = Callable[..., Any]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        arbitrary_types_allowed=True,
+    )
+
+
+def _load_callable(value: object) -> HealthCallable | None:
+    """A custom check: a callable (Python API) or ``"package.module:function"`` (JSON)."""
+    if value is None or callable(value):
+        return value  # type: ignore[return-value]
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError('expected a callable or an import path "package.module:function"')
+    module_name, _, attr_path = value.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure of user code is a config problem
+        raise ValueError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
+    for attr in attr_path.split("."):
+        try:
+            target = getattr(target, attr)
+        except AttributeError:
+            raise ValueError(f"{module_name!r} has no attribute {attr_path!r}") from None
+    if not callable(target):
+        raise ValueError(f"{value!r} is not callable")
+    return typing.cast(HealthCallable, target)
+
+
+CheckCallable = Annotated[HealthCallable | None, BeforeValidator(_load_callable)]
+
+
+def _status_ranges(value: object) -> tuple[tuple[int, int], ...] | None:
+    return None if value is None else parse_status_ranges(value)
+
+
+StatusRanges = Annotated[tuple[tuple[int, int], ...] | None, BeforeValidator(_status_ranges)]
+
+
+def _check_algorithm(value: str) -> str:
+    if value not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {value!r}; valid: {', '.join(ALGORITHMS)}")
+    return value
+
+
+def _check_method(value: str) -> str:
+    if not value.isalpha():
+        raise ValueError(f"invalid HTTP method {value!r}")
+    return value.upper()
+
+
+def _check_networks(values: list[str]) -> list[str]:
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address or CIDR network") from None
+    return values
+
+
+class CookieConfig(_Model):
+    """The affinity cookie set on the first response to a client."""
+
+    name: str = DEFAULT_COOKIE_NAME
+    path: str = "/"
+    max_age: int | None = Field(default=None, ge=0)
+    domain: str | None = None
+    secure: bool = False
+    http_only: bool = True
+    same_site: Literal["Lax", "Strict", "None"] = "Lax"
+    secret: SecretStr | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _token_name(cls, value: str) -> str:
+        if not value or any(c in value for c in ' ;,=\t\r\n"()<>@:\\/[]?{}'):
+            raise ValueError(f"{value!r} is not a valid cookie name")
+        return value
+
+
+class TimeoutsConfig(_Model):
+    """Upstream and client timeouts; none of them caps a whole request."""
+
+    connect: Duration = DEFAULT_CONNECT_TIMEOUT
+    read: Duration = DEFAULT_READ_TIMEOUT
+    websocket_idle: Duration = DEFAULT_WEBSOCKET_IDLE_TIMEOUT
+    keep_alive: Duration = DEFAULT_KEEPALIVE_TIMEOUT
+
+
+class LimitsConfig(_Model):
+    """Size limits on what clients send."""
+
+    max_body_size: ByteSize | None = None
+    max_header_size: ByteSize = 8190
+    max_headers: int = Field(default=128, ge=1)
+
+
+class WebSocketConfig(_Model):
+    max_message_size: ByteSize = DEFAULT_WS_MAX_MESSAGE_SIZE
+
+
+class HealthConfig(_Model):
+    """Global health-check settings; each backend may override the probe ones."""
+
+    enabled: bool = True
+    interval: Duration = DEFAULT_HEALTH_INTERVAL
+    down_interval: Duration | None = None
+    jitter: float = Field(default=0.1, ge=0, le=0.5)
+    path: str = "/"
+    method: str = "GET"
+    algorithm: str = "http-status"
+    timeout: Duration = DEFAULT_HEALTH_TIMEOUT
+    headers: dict[str, str] = Field(default_factory=dict)
+    check: CheckCallable = None
+    expect_status: StatusRanges = None
+    expect_body: str | None = None
+    rise: int = Field(default=DEFAULT_RISE, ge=1)
+    fall: int = Field(default=DEFAULT_FALL, ge=1)
+    max_fails: int = Field(default=DEFAULT_MAX_FAILS, ge=0)
+    fail_window: Duration = DEFAULT_FAIL_WINDOW
+
+    _algorithm = field_validator("algorithm")(_check_algorithm)
+    _method = field_validator("method")(_check_method)
+
+    @field_validator("interval")
+    @classmethod
+    def _positive_interval(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be greater than 0")
+        return value
+
+
+class BackendConfig(_Model):
+    """One upstream server. ``health*`` keys override the global ``health`` settings."""
+
+    id: int | str
+    url: str
+    weight: float = Field(default=1.0, ge=0)
+    owner: str | None = None
+    max_connections: int | None = Field(default=None, ge=0)
+    health_path: str | None = None
+    health_method: str | None = None
+    health_algorithm: str | None = None
+    health_timeout: Duration | None = None
+    health_headers: dict[str, str] | None = None
+    health_check: CheckCallable = None
+    health_expect_status: StatusRanges = None
+    health_expect_body: str | None = None
+    health_rise: int | None = Field(default=None, ge=1)
+    health_fall: int | None = Field(default=None, ge=1)
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id_type(cls, value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int | str) or value == "":
+            raise ValueError("must be an integer or a non-empty string")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        try:
+            url = URL(value)
+        except (ValueError, TypeError):
+            raise ValueError(f"{value!r} is not a URL") from None
+        if url.scheme not in ("http", "https"):
+            raise ValueError(f"{value!r} must start with http:// or https://")
+        if not url.host:
+            raise ValueError(f"{value!r} has no host")
+        if url.query_string or url.fragment:
+            raise ValueError(f"{value!r} must not have a query or fragment")
+        return str(url).rstrip("/")
+
+    @field_validator("health_algorithm")
+    @classmethod
+    def _algorithm(cls, value: str | None) -> str | None:
+        return None if value is None else _check_algorithm(value)
+
+    @field_validator("health_method")
+    @classmethod
+    def _method(cls, value: str | None) -> str | None:
+        return None if value is None else _check_method(value)
+
+
+class EmailAuth(_Model):
+    user: str | None = None
+    password: SecretStr | None = Field(default=None, alias="pass")
+
+
+class EmailConfig(_Model):
+    """SMTP settings for alerts; ``service`` names a well-known provider (nodemailer style)."""
+
+    service: str | None = None
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    security: Security | None = None
+    auth: EmailAuth = EmailAuth()
+    from_: str | None = Field(default=None, alias="from")
+    to: Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] = Field(
+        default_factory=list
+    )
+    ca_file: str | None = None
+    timeout: Duration = DEFAULT_MAIL_TIMEOUT
+    cooldown: Duration = DEFAULT_MAIL_COOLDOWN
+    retries: int = Field(default=3, ge=0, le=10)
+    queue_size: int = Field(default=100, ge=1)
+
+    @field_validator("service")
+    @classmethod
+    def _known_service(cls, value: str | None) -> str | None:
+        if value is not None and value.lower() not in KNOWN_MAIL_SERVICES:
+            raise ValueError(
+                f"unknown service {value!r}; known: {', '.join(KNOWN_MAIL_SERVICES)}"
+                " (or set email.host and email.port)"
+            )
+        return None if value is None else value.lower()
+
+    @model_validator(mode="after")
+    def _has_server(self) -> EmailConfig:
+        if self.service is None and self.host is None:
+            raise ValueError('set email.service (e.g. "gmail") or email.host')
+        return self
+
+    @property
+    def smtp_host(self) -> str:
+        return self.host or KNOWN_MAIL_SERVICES[self.service or ""].host
+
+    @property
+    def smtp_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        if self.service:
+            return KNOWN_MAIL_SERVICES[self.service].port
+        return {"tls": 465, "starttls": 587}.get(self.smtp_security, 25)
+
+    @property
+    def smtp_security(self) -> Security:
+        if self.security is not None:
+            return self.security
+        if self.service:
+            return KNOWN_MAIL_SERVICES[self.service].security
+        return "none"
+
+    @property
+    def sender(self) -> str:
+        return self.from_ or self.auth.user or "stickylb@localhost"
+
+
+class AdminConfig(_Model):
+    """The balancer's own endpoints (``/_lb/health``)."""
+
+    prefix: str = "/_lb"
+    allow: list[str] = Field(default_factory=lambda: list(LOOPBACK_NETWORKS))
+    token: SecretStr | None = None
+
+    _networks = field_validator("allow")(_check_networks)
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value.startswith("/") or value == "/" or value.endswith("/"):
+            raise ValueError("must start with '/', not end with '/', and not be '/' alone")
+        return value
+
+
+class Config(BaseSettings):
+    """The whole configuration of one balancer.
+
+    >>> cfg = Config(port=3001, backends=[{"id": 0, "url": "http://127.0.0.1:5000"}])
+    >>> cfg.strategy
+    'round-robin'
+    """
+
+    model_config = SettingsConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        arbitrary_types_allowed=True,
+        env_prefix="STICKYLB_",
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        # Defaults are already in their parsed form (seconds, bytes); re-parsing would misread them.
+        validate_default=False,
+    )
+
+    port: int = Field(ge=0, le=65535)
+    host: str = "0.0.0.0"
+    strategy: str = DEFAULT_STRATEGY
+    sticky: bool = True
+    cookie: CookieConfig = CookieConfig()
+    backend_header: bool = True
+    preserve_host: bool = False
+    trusted_proxies: list[str] = Field(default_factory=list)
+    retries: int = Field(default=1, ge=0, le=10)
+    shutdown_timeout: Duration = DEFAULT_SHUTDOWN_TIMEOUT
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    websocket: WebSocketConfig = WebSocketConfig()
+    health: HealthConfig = HealthConfig()
+    email: EmailConfig | None = None
+    admin: AdminConfig = AdminConfig()
+    backends: list[BackendConfig] = Field(min_length=1)
+
+    _networks = field_validator("trusted_proxies")(_check_networks)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file (passed in as init values); nothing else is read.
+        return (env_settings, init_settings)
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        if value not in STRATEGIES:
+            raise ValueError(f"unknown strategy {value!r}; valid: {', '.join(STRATEGIES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _backends_consistent(self) -> Config:
+        seen: dict[str, int] = {}
+        for index, backend in enumerate(self.backends):
+            key = str(backend.id)
+            if key in seen:
+                raise ValueError(
+                    f"backends.{index}.id: duplicate id {backend.id!r} (also backends.{seen[key]})"
+                )
+            seen[key] = index
+        if sum(backend.weight for backend in self.backends) <= 0:
+            raise ValueError("backends: the weights add up to 0; at least one must be positive")
+        return self
+
+    def health_for(self, backend: BackendConfig) -> HealthSettings:
+        """The probe settings of ``backend``: its own keys, else ``health.*``, else defaults."""
+        g = self.health
+
+        def pick(own: Any, default: Any) -> Any:
+            return default if own is None else own
+
+        return HealthSettings(
+            path=pick(backend.health_path, g.path),
+            method=pick(backend.health_method, g.method),
+            algorithm=pick(backend.health_algorithm, g.algorithm),
+            timeout=pick(backend.health_timeout, g.timeout),
+            headers=types.MappingProxyType(dict(pick(backend.health_headers, g.headers))),
+            check=pick(backend.health_check, g.check),
+            rule=ResponseRule(
+                algorithm=pick(backend.health_algorithm, g.algorithm),
+                expect_status=pick(backend.health_expect_status, g.expect_status),
+                expect_body=pick(backend.health_expect_body, g.expect_body),
+            ),
+            rise=pick(backend.health_rise, g.rise),
+            fall=pick(backend.health_fall, g.fall),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSettings:
+    """One backend's resolved probe settings (see ``Config.health_for``)."""
+
+    path: str
+    method: str
+    algorithm: str
+    timeout: float
+    headers: Mapping[str, str]
+    check: HealthCallable | None
+    rule: ResponseRule
+    rise: int
+    fall: int
+
+    def public(self) -> dict[str, Any]:
+        """The ``healthCheck`` object of ``/_lb/health``: never a header value."""
+        return {
+            "path": self.path,
+            "method": self.method,
+            "algorithm": self.algorithm,
+            "timeout": format_ms(self.timeout),
+            "hasCustomHeaders": bool(self.headers),
+            "hasCustomFunction": self.check is not None,
+        }
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read a JSON config file, apply ``STICKYLB_*`` environment overrides and validate it.
+
+    Raises ``ConfigError`` with one line per problem.
+    """
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{file}: no such file"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{file}: is a directory, not a config file"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{file}: cannot read: {exc.__class__.__name__}"]) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            [f"{file}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"]
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{file}: the top level must be a JSON object"])
+    # "module:function" checks are imported relative to the config's folder and the cwd.
+    for folder in (str(file.resolve().parent), os.getcwd()):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    return build_config(data)
+
+
+def build_config(data: Mapping[str, Any] | None = None, **overrides: Any) -> Config:
+    """Validate a mapping (and keyword overrides) into a ``Config``; raise ``ConfigError``."""
+    values = {**(data or {}), **overrides}
+    try:
+        return Config(**values)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    except ValueError as exc:  # env values that are not valid JSON for complex fields
+        raise ConfigError([f"environment: {exc}"]) from None
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    lines: list[str] = []
+    for error in exc.errors(include_url=False, include_input=False):
+        loc = [part for part in error["loc"] if not _is_branch_tag(part)]
+        where = ".".join(str(part) for part in loc) or "config"
+        kind = error["type"]
+        message = str(error["msg"])
+        if kind == "extra_forbidden":
+            message = "unknown key" + _did_you_mean(loc)
+        elif kind == "missing":
+            message = "required"
+        elif kind == "too_short" and loc == ["backends"]:
+            message = "must list at least one backend"
+        elif kind in ("value_error", "assertion_error"):
+            message = message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+            if message.startswith("backends"):
+                where, _, message = message.partition(": ")
+        line = f"{where}: {message}"
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+def _is_branch_tag(part: object) -> bool:
+    # pydantic adds the name of the union member or validator to locations; users never wrote it.
+    return isinstance(part, str) and (
+        part.startswith("function-") or part in {"int", "str", "float", "callable", "none"}
+    )
+
+
+def _did_you_mean(loc: Sequence[int | str]) -> str:
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = _find_field(model, part)
+        if field is None:
+            return ""
+        model = _model_of(field.annotation)
+        if model is None:
+            return ""
+    known = {name for name in model.model_fields} | {
+        f.alias for f in model.model_fields.values() if f.alias
+    }
+    match = difflib.get_close_matches(str(loc[-1]), sorted(known), n=1, cutoff=0.6)
+    if not match:
+        return ""
+    field = _find_field(model, match[0])
+    return f" (did you mean {(field.alias if field and field.alias else match[0])!r}?)"
+
+
+def _find_field(model: type[BaseModel], key: str) -> Any:
+    for name, field in model.model_fields.items():
+        if key in (name, field.alias):
+            return field
+    return None
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def describe(config: Config) -> dict[str, Any]:
+    """The resolved settings as JSON-ready data, secrets masked (for ``--check``)."""
+    data = config.model_dump(mode="json", by_alias=True, exclude={"backends", "health"})
+    data["health"] = config.health.model_dump(mode="json", by_alias=True, exclude={"check"})
+    data["health"]["check"] = _callable_name(config.health.check)
+    data["backends"] = []
+    for backend in config.backends:
+        item = backend.model_dump(mode="json", by_alias=True, exclude={"health_check"})
+        item["healthCheck"] = _callable_name(backend.health_check)
+        item["resolvedHealthCheck"] = config.health_for(backend).public()
+        if item.get("healthHeaders"):
+            item["healthHeaders"] = dict.fromkeys(item["healthHeaders"], "**********")
+        data["backends"].append(item)
+    if data["health"].get("headers"):
+        data["health"]["headers"] = dict.fromkeys(data["health"]["headers"], "**********")
+    return data
+
+
+def _callable_name(check: HealthCallable | None) -> str | None:
+    if check is None:
+        return None
+    module = getattr(check, "__module__", None) or "?"
+    return f"{module}:{getattr(check, '__qualname__', type(check).__name__)}"

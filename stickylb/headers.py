@@ -1,0 +1,123 @@
+"""Theory of operation: which headers cross the proxy, in each direction.
+
+Pure functions over multidicts, no I/O. Hop-by-hop headers (RFC 9110 7.6.1) and every header
+named in ``Connection`` are connection-scoped and never forwarded. ``X-Forwarded-*`` describe
+the client as this proxy saw it: values arriving from clients are replaced, unless the peer is a
+trusted proxy, in which case the peer is appended to the chain (as Traefik and Caddy do).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+HOP_BY_HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+# Set by aiohttp's WebSocket client for the upstream handshake; the client's own are dropped.
+WEBSOCKET_HANDSHAKE_HEADERS = frozenset(
+    {
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+        "sec-websocket-accept",
+    }
+)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(value, strict=False) for value in values)
+
+
+def peer_in(peer: str | None, networks: tuple[Network, ...]) -> bool:
+    if not peer or not networks:
+        return False
+    try:
+        address = ipaddress.ip_address(peer.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+def _connection_scoped(headers: Mapping[str, str]) -> set[str]:
+    named = {
+        token.strip().lower()
+        for value in headers.getall("Connection", ())  # type: ignore[attr-defined]
+        for token in value.split(",")
+    }
+    return named | HOP_BY_HOP_HEADERS
+
+
+def upstream_headers(
+    incoming: CIMultiDictProxy[str],
+    *,
+    peer: str | None,
+    scheme: str,
+    backend_host: str,
+    preserve_host: bool,
+    trusted_proxies: tuple[Network, ...],
+    drop: frozenset[str] = frozenset(),
+) -> CIMultiDict[str]:
+    """The headers to send upstream for a request that arrived with ``incoming``."""
+    skip = _connection_scoped(incoming) | drop
+    out: CIMultiDict[str] = CIMultiDict(
+        (name, value) for name, value in incoming.items() if name.lower() not in skip
+    )
+    client_host = incoming.get("Host", "")
+    if peer_in(peer, trusted_proxies):
+        chain = ", ".join(incoming.getall("X-Forwarded-For", ()))
+        out["X-Forwarded-For"] = f"{chain}, {peer}" if chain else (peer or "")
+        out.setdefault("X-Forwarded-Proto", scheme)
+        out.setdefault("X-Forwarded-Host", client_host)
+    else:
+        out.popall("Forwarded", None)
+        out["X-Forwarded-For"] = peer or ""
+        out["X-Forwarded-Proto"] = scheme
+        out["X-Forwarded-Host"] = client_host
+    if not client_host:
+        del out["X-Forwarded-Host"]
+    if not preserve_host or not client_host:
+        out["Host"] = backend_host
+    return out
+
+
+def downstream_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The backend's response headers as the client should see them (Set-Cookie all kept)."""
+    skip = _connection_scoped(incoming)
+    return CIMultiDict(
+        (name, value) for name, value in incoming.items() if name.lower() not in skip
+    )
+
+
+def is_websocket_upgrade(headers: Mapping[str, str]) -> bool:
+    return headers.get("Upgrade", "").lower() == "websocket" and "upgrade" in (
+        headers.get("Connection", "").lower()
+    )
+
+
+def offered_subprotocols(headers: CIMultiDictProxy[str]) -> tuple[str, ...]:
+    return tuple(
+        token.strip()
+        for value in headers.getall("Sec-WebSocket-Protocol", ())
+        for token in value.split(",")
+        if token.strip()
+    )

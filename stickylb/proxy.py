@@ -1,0 +1,264 @@
+"""Theory of operation: one HTTP request through the proxy (the hot path).
+
+``HttpProxy.handle`` reads the sticky token, asks the pool for a backend, sends the request with
+its body streamed, and streams the answer back. Bodies are never buffered: each chunk is written
+as it arrives (so server-sent events flush), and aiohttp's flow control bounds memory both ways.
+Nothing is decompressed, redirects are never followed, and the client session has no cookie jar.
+
+Failures before the backend answered map to the exception tree in ``errors.py``. A request whose
+bytes never reached the backend is retried on another backend (any method); one that was sent is
+retried only when its method is idempotent and it had no body already consumed. A failure after
+the response started cannot change the status any more: the client connection is closed so the
+truncation is visible instead of looking like a complete answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import hdrs, web
+from yarl import URL
+
+from .affinity import StickyCookie
+from .config import Config
+from .durations import format_ms
+from .errors import (
+    NoBackendAvailable,
+    RequestTooLarge,
+    StickyLBError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from .headers import downstream_headers, parse_networks, upstream_headers
+from .pool import Backend, Choice, Pool
+
+log = logging.getLogger("stickylb.proxy")
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# aiohttp's client would add these on its own; the client's own values (or absence) must win.
+SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept-Encoding", "Content-Type"})
+# aiohttp's server has already answered "100 Continue" to the client by the time we forward.
+DROP_REQUEST_HEADERS = frozenset({"expect"})
+BACKEND_ID_HEADER = "x-backend-id"
+
+
+def error_response(error: StickyLBError) -> web.Response:
+    return web.json_response({"error": error.public_message}, status=error.status)
+
+
+class RequestBody:
+    """The client's body, streamed at most once; remembers whether any of it was read."""
+
+    __slots__ = ("_request", "limit", "started", "too_large")
+
+    def __init__(self, request: web.Request, limit: int | None) -> None:
+        self._request = request
+        self.limit = limit
+        self.started = False
+        self.too_large = False
+
+    @property
+    def present(self) -> bool:
+        return self._request.body_exists
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        self.started = True
+        received = 0
+        async for chunk in self._request.content.iter_any():
+            received += len(chunk)
+            if self.limit is not None and received > self.limit:
+                self.too_large = True
+                raise RequestTooLarge()
+            yield chunk
+
+
+def describe_client_error(
+    exc: BaseException, connect_timeout: float, read_timeout: float
+) -> UpstreamError:
+    """Map an aiohttp client exception to our tree, with a short secret-free reason."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamConnectError(f"connect timeout after {format_ms(connect_timeout)} ms")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        errno_name = {111: "connect refused", 113: "no route to host", 101: "network unreachable"}
+        return UpstreamConnectError(errno_name.get(exc.os_error.errno or 0, "connect failed"))
+    if isinstance(exc, asyncio.TimeoutError):
+        return UpstreamTimeout(f"timeout after {format_ms(read_timeout)} ms", request_sent=True)
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return UpstreamError("backend closed the connection", request_sent=True)
+    if isinstance(exc, aiohttp.ClientOSError):
+        return UpstreamError("connection reset", request_sent=True)
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return UpstreamError("invalid HTTP response", request_sent=True)
+    return UpstreamError(type(exc).__name__, request_sent=True)
+
+
+class HttpProxy:
+    """Forwards plain HTTP requests; hands WebSocket upgrades to ``websocket_relay``."""
+
+    def __init__(
+        self,
+        config: Config,
+        pool: Pool,
+        cookie: StickyCookie,
+        session: Callable[[], aiohttp.ClientSession],
+        websocket_relay: Callable[[web.Request, Choice], Any],
+    ) -> None:
+        self._pool = pool
+        self._cookie = cookie
+        self._session = session
+        self._relay_websocket = websocket_relay
+        self._sticky = config.sticky
+        self._backend_header = config.backend_header
+        self._preserve_host = config.preserve_host
+        self._trusted = parse_networks(config.trusted_proxies)
+        self._retries = config.retries
+        self._max_body = config.limits.max_body_size
+        self._connect_timeout = config.timeouts.connect
+        self._read_timeout = config.timeouts.read
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=None,
+            sock_connect=config.timeouts.connect,
+            sock_read=config.timeouts.read or None,
+        )
+
+    def choose(self, request: web.Request) -> Choice | None:
+        token = self._cookie.read(request.headers.get(hdrs.COOKIE)) if self._sticky else None
+        return self._pool.choose(token)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        choice = self.choose(request)
+        if choice is None:
+            return error_response(NoBackendAvailable())
+        if request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
+            return await self._relay_websocket(request, choice)  # type: ignore[no-any-return]
+        if self._max_body is not None and (request.content_length or 0) > self._max_body:
+            return error_response(RequestTooLarge())
+
+        body = RequestBody(request, self._max_body)
+        tried: tuple[Backend, ...] = ()
+        while True:
+            backend = choice.backend
+            self._pool.acquire(backend)
+            try:
+                upstream = await self._send(request, backend, body)
+                try:
+                    return await self._relay_response(request, upstream, choice)
+                finally:
+                    upstream.release()
+            except UpstreamError as exc:
+                if body.too_large:
+                    return error_response(RequestTooLarge())
+                self._pool.record_passive_failure(backend, exc.reason)
+                tried += (backend,)
+                retry = self._retry_choice(request, body, exc, tried)
+                if retry is None:
+                    log.warning(
+                        "%s %s -> backend %s failed: %s",
+                        request.method,
+                        request.path,
+                        backend.id,
+                        exc.reason,
+                    )
+                    return error_response(exc)
+                log.info(
+                    "%s %s -> backend %s failed (%s); retrying on backend %s",
+                    request.method,
+                    request.path,
+                    backend.id,
+                    exc.reason,
+                    retry.backend.id,
+                )
+                choice = retry
+            finally:
+                self._pool.release(backend)
+
+    def _retry_choice(
+        self,
+        request: web.Request,
+        body: RequestBody,
+        exc: UpstreamError,
+        tried: tuple[Backend, ...],
+    ) -> Choice | None:
+        if len(tried) > self._retries or isinstance(exc, UpstreamTimeout):
+            return None
+        if exc.request_sent and (request.method not in IDEMPOTENT_METHODS or body.started):
+            return None
+        if body.started:  # the client's bytes are gone; nothing to send again
+            return None
+        choice = self._pool.choose(None, exclude=tried)
+        return None if choice is None else Choice(choice.backend, repinned=True)
+
+    async def _send(
+        self, request: web.Request, backend: Backend, body: RequestBody
+    ) -> aiohttp.ClientResponse:
+        headers = upstream_headers(
+            request.headers,
+            peer=request.remote,
+            scheme=request.scheme,
+            backend_host=backend.host_header,
+            preserve_host=self._preserve_host,
+            trusted_proxies=self._trusted,
+            drop=DROP_REQUEST_HEADERS,
+        )
+        try:
+            return await self._session().request(
+                request.method,
+                URL(backend.base + request.raw_path, encoded=True),
+                headers=headers,
+                data=body.chunks() if body.present else None,
+                allow_redirects=False,
+                skip_auto_headers=SKIP_AUTO_HEADERS,
+                timeout=self._timeout,
+            )
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise describe_client_error(exc, self._connect_timeout, self._read_timeout) from None
+
+    async def _relay_response(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, choice: Choice
+    ) -> web.StreamResponse:
+        headers = downstream_headers(upstream.headers)
+        if choice.repinned and self._sticky:
+            headers.add(hdrs.SET_COOKIE, self._cookie.set_cookie_header(choice.backend.token))
+        if self._backend_header:
+            headers[BACKEND_ID_HEADER] = str(choice.backend.id)
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=headers
+        )
+        try:
+            await response.prepare(request)
+            reader = upstream.content
+            while True:
+                try:
+                    chunk = await reader.readany()
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    reason = describe_client_error(exc, self._connect_timeout, self._read_timeout)
+                    log.warning(
+                        "%s %s: backend %s failed mid-response: %s",
+                        request.method,
+                        request.path,
+                        choice.backend.id,
+                        reason.reason,
+                    )
+                    self._abort_client(request)
+                    return response
+                if not chunk:
+                    break
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionResetError:
+            # The client went away: drop the upstream connection rather than drain it.
+            upstream.close()
+            log.debug("%s %s: client disconnected", request.method, request.path)
+        return response
+
+    @staticmethod
+    def _abort_client(request: web.Request) -> None:
+        transport = request.transport
+        if transport is not None:
+            transport.close()

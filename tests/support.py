@@ -1,0 +1,369 @@
+"""Real backends and helpers for the tests: everything listens on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from stickylb.app import build_app
+from stickylb.config import build_config
+from stickylb.server import runner_for
+
+ROOT = Path(__file__).resolve().parent.parent
+GZIP_BODY = gzip.compress(b"hello compressed world " * 100, mtime=0)
+
+
+class Knobs:
+    """What a test may change or read on a running backend."""
+
+    def __init__(self) -> None:
+        self.health_status = 200
+        self.health_delay = 0.0
+        self.ws_close_code: int | None = None
+
+
+NAME = web.AppKey("name", str)
+SEEN = web.AppKey("seen", list)
+KNOBS = web.AppKey("knobs", Knobs)
+
+
+def backend_app(name: str) -> web.Application:
+    """A backend that names itself and offers everything the proxy tests need."""
+    # Bodies must reach the handlers exactly as the proxy sent them.
+    app = web.Application(handler_args={"auto_decompress": False})
+    seen: list[dict[str, Any]] = []
+    app[SEEN] = seen
+    app[NAME] = name
+    knobs = app[KNOBS] = Knobs()
+
+    async def record(request: web.Request) -> None:
+        seen.append(
+            {"method": request.method, "path": request.path_qs, "headers": dict(request.headers)}
+        )
+
+    async def hello(request: web.Request) -> web.Response:
+        await record(request)
+        return web.Response(text=name)
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.json_response(
+            {
+                "name": name,
+                "method": request.method,
+                "path": request.path_qs,
+                "headers": {k: v for k, v in request.headers.items()},
+                "header_lists": {k: request.headers.getall(k) for k in request.headers},
+                "body_sha": hashlib.sha256(body).hexdigest(),
+                "body_len": len(body),
+            }
+        )
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query.get("delay", "0.5")))
+        return web.Response(text=name)
+
+    async def upload(request: web.Request) -> web.Response:
+        digest = hashlib.sha256()
+        size = 0
+        async for chunk in request.content.iter_chunked(1 << 16):
+            digest.update(chunk)
+            size += len(chunk)
+        return web.json_response(
+            {
+                "name": name,
+                "size": size,
+                "sha": digest.hexdigest(),
+                "te": request.headers.get("Transfer-Encoding"),
+                "cl": request.headers.get("Content-Length"),
+            }
+        )
+
+    async def download(request: web.Request) -> web.StreamResponse:
+        size = int(request.query.get("size", "0"))
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        if request.query.get("length") == "1":
+            response.content_length = size
+        await response.prepare(request)
+        block = b"x" * (1 << 16)
+        sent = 0
+        while sent < size and request.method != "HEAD":
+            part = block[: min(len(block), size - sent)]
+            await response.write(part)
+            sent += len(part)
+        await response.write_eof()
+        return response
+
+    async def sse(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(int(request.query.get("n", "3"))):
+            await response.write(f"data: {name}-{i}\n\n".encode())
+            await asyncio.sleep(float(request.query.get("gap", "0.3")))
+        await response.write_eof()
+        return response
+
+    async def gz(request: web.Request) -> web.Response:
+        return web.Response(
+            body=GZIP_BODY, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"}
+        )
+
+    async def cookies(request: web.Request) -> web.Response:
+        response = web.Response(text=name)
+        response.set_cookie("session", f"s-{name}")
+        response.set_cookie("theme", "dark")
+        return response
+
+    async def status(request: web.Request) -> web.Response:
+        code = int(request.match_info["code"])
+        headers = {"ETag": '"v1"'} if code == 304 else {}
+        return web.Response(
+            status=code, headers=headers, body=None if code in (204, 304) else name.encode()
+        )
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/elsewhere")
+
+    async def health(request: web.Request) -> web.Response:
+        await record(request)
+        if knobs.health_delay:
+            await asyncio.sleep(knobs.health_delay)
+        return web.Response(status=knobs.health_status, text="ok")
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        sock = web.WebSocketResponse(protocols=("chat.v2", "chat.v1"), autoping=True)
+        await sock.prepare(request)
+        await sock.send_str(f"hello from {name}")
+        async for msg in sock:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                if msg.data.startswith("close:"):
+                    _, code, reason = msg.data.split(":", 2)
+                    await sock.close(code=int(code), message=reason.encode())
+                    break
+                await sock.send_str(f"{name}:{msg.data}")
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await sock.send_bytes(msg.data[::-1])
+        knobs.ws_close_code = sock.close_code
+        return sock
+
+    app.router.add_get("/", hello)
+    app.router.add_route("*", "/echo", echo)
+    app.router.add_route("*", "/echo/{tail:.*}", echo)
+    app.router.add_get("/slow", slow)
+    app.router.add_post("/upload", upload)
+    app.router.add_put("/upload", upload)
+    app.router.add_get("/download", download, allow_head=True)
+    app.router.add_get("/sse", sse)
+    app.router.add_get("/gzip", gz)
+    app.router.add_get("/cookies", cookies)
+    app.router.add_route("*", "/status/{code}", status)
+    app.router.add_get("/redirect", redirect)
+    app.router.add_route("*", "/health", health)
+    app.router.add_route("*", "/ready", health)
+    app.router.add_get("/ws", ws)
+    return app
+
+
+class Running:
+    """A server we started in-process: its app, URL and runner."""
+
+    def __init__(self, app: web.Application, runner: web.AppRunner, url: str) -> None:
+        self.app = app
+        self.runner = runner
+        self.url = url
+
+    @property
+    def name(self) -> str:
+        return self.app[NAME]
+
+    @property
+    def knobs(self) -> Knobs:
+        return self.app[KNOBS]
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_app(app: web.Application, port: int = 0, **runner_kwargs: Any) -> Running:
+    runner = web.AppRunner(app, **runner_kwargs)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    sock = site._server.sockets[0]  # type: ignore[union-attr]
+    return Running(app, runner, f"http://127.0.0.1:{sock.getsockname()[1]}")
+
+
+async def start_backend(name: str, port: int = 0) -> Running:
+    return await start_app(backend_app(name), port, handle_signals=False)
+
+
+async def start_balancer(config_data: dict[str, Any]) -> Running:
+    config = build_config({"host": "127.0.0.1", **config_data})
+    app = build_app(config)
+    runner = runner_for(app, config)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    sock = site._server.sockets[0]  # type: ignore[union-attr]
+    return Running(app, runner, f"http://127.0.0.1:{sock.getsockname()[1]}")
+
+
+def backends_config(*backends: Running, **extra: Any) -> list[dict[str, Any]]:
+    return [{"id": b.name, "url": b.url, **extra} for b in backends]
+
+
+def client_session(**kwargs: Any) -> aiohttp.ClientSession:
+    """A browser-like client: keeps cookies, even from IP hosts."""
+    return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True), **kwargs)
+
+
+# --- real processes -------------------------------------------------------------------------
+
+LISTEN_RE = re.compile(r"listening on (http://[^\s,]+)")
+
+
+class Process:
+    """``python -m stickylb`` (or another command) as a real child process."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.proc = proc
+        self.log_path = log_path
+        self.url = ""
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 15.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while time.monotonic() < deadline:
+            match = regex.search(self.output)
+            if match:
+                return match
+            if self.proc.poll() is not None:
+                raise AssertionError(f"process exited {self.proc.returncode}:\n{self.output}")
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {pattern!r}:\n{self.output}")
+
+    def rss_kib(self, field: str = "VmRSS") -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise AssertionError(f"no {field}")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise
+
+
+def spawn(
+    args: list[str], tmp_path: Path, env: dict[str, str] | None = None, name: str = "proc"
+) -> Process:
+    log_path = tmp_path / f"{name}-{time.monotonic_ns()}.log"
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=str(ROOT),
+            env=full_env,
+        )
+    return Process(proc, log_path)
+
+
+def spawn_balancer(
+    config: dict[str, Any], tmp_path: Path, *extra_args: str, env: dict[str, str] | None = None
+) -> Process:
+    path = tmp_path / f"config-{time.monotonic_ns()}.json"
+    path.write_text(json.dumps({"host": "127.0.0.1", "port": 0, **config}))
+    proc = spawn(["-m", "stickylb", str(path), *extra_args], tmp_path, env=env, name="stickylb")
+    proc.url = proc.wait_for(LISTEN_RE.pattern).group(1)
+    return proc
+
+
+def run_cli(
+    args: list[str], tmp_path: Path, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "stickylb", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(tmp_path),
+        env=full_env,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@asynccontextmanager
+async def backends(*names: str) -> AsyncIterator[list[Running]]:
+    running = [await start_backend(name) for name in names]
+    try:
+        yield running
+    finally:
+        for server in running:
+            with suppress(Exception):
+                await server.stop()
+
+
+@asynccontextmanager
+async def balancer(config: dict[str, Any]) -> AsyncIterator[Running]:
+    lb = await start_balancer(config)
+    try:
+        yield lb
+    finally:
+        await lb.stop()
+
+
+async def lb_status(lb_url: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as client, client.get(lb_url + "/_lb/health") as resp:
+        assert resp.status == 200
+        return await resp.json()  # type: ignore[no-any-return]
+
+
+async def wait_for_state(lb_url: str, backend_id: Any, healthy: bool, limit: float = 10) -> None:
+    """Poll /_lb/health until the backend reaches the state (bounded in time)."""
+    deadline = asyncio.get_running_loop().time() + limit
+    while True:
+        status = await lb_status(lb_url)
+        for backend in status["backends"]:
+            if backend["id"] == backend_id and backend["healthy"] is healthy:
+                return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"backend {backend_id} never became healthy={healthy}: {status}")
+        await asyncio.sleep(0.05)
+
+
+FAST_HEALTH = {"interval": 100, "path": "/health", "rise": 1, "fall": 1, "jitter": 0}
