@@ -137,26 +137,31 @@ class WebSocketRelay:
         if self._backend_header:
             client.headers[BACKEND_ID_HEADER] = str(choice.backend.id)
         pair = (client, upstream)
+        pumps: list[asyncio.Task[None]] = []
         try:
             await client.prepare(request)
             self._open.add(pair)
             activity = [time.monotonic()]
-            to_backend = asyncio.create_task(self._pump(client, upstream, activity))
-            try:
-                await self._pump(upstream, client, activity)
-                await to_backend
-            finally:
-                to_backend.cancel()
-                with suppress(asyncio.CancelledError):
-                    await to_backend
+            pumps = [
+                asyncio.create_task(self._pump(client, upstream, activity)),
+                asyncio.create_task(self._pump(upstream, client, activity)),
+            ]
+            # The first pump ends when its source closes; it has already passed the close on.
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         except ConnectionResetError:
             log.debug("WebSocket %s: client disconnected", request.path)
         finally:
+            # Also reached when the handler is cancelled because the client vanished: the
+            # client's close code, if it sent one, still reaches the backend.
             self._open.discard(pair)
-            await upstream.close()
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            if not upstream.closed:
+                await upstream.close(code=_sendable(client.close_code, WSCloseCode.GOING_AWAY))
             if not client.closed:
                 with suppress(Exception):
-                    await client.close()
+                    await client.close(code=_sendable(upstream.close_code, WSCloseCode.GOING_AWAY))
         return client
 
     async def _pump(self, source: AnyWebSocket, sink: AnyWebSocket, activity: list[float]) -> None:
@@ -181,14 +186,11 @@ class WebSocketRelay:
                 elif kind is WSMsgType.PONG:
                     await sink.pong(message.data)
                 elif kind is WSMsgType.CLOSE:
-                    code = message.data if message.data not in _RESERVED_CLOSE_CODES else 1000
+                    code = _sendable(message.data, WSCloseCode.OK)
                     await sink.close(code=code, message=(message.extra or "").encode()[:123])
                     return
                 else:  # CLOSING, CLOSED, ERROR: the source is gone without a proper close
-                    code = source.close_code or WSCloseCode.INTERNAL_ERROR
-                    if code in _RESERVED_CLOSE_CODES:
-                        code = WSCloseCode.GOING_AWAY
-                    await sink.close(code=code)
+                    await sink.close(code=_sendable(source.close_code, WSCloseCode.GOING_AWAY))
                     return
             except ConnectionResetError:
                 await _close_both(source, sink, WSCloseCode.GOING_AWAY, "")
@@ -200,6 +202,10 @@ class WebSocketRelay:
             *(_close_both(client, upstream, code, reason) for client, upstream in list(self._open)),
             return_exceptions=True,
         )
+
+
+def _sendable(code: int | None, fallback: int) -> int:
+    return fallback if code is None or code in _RESERVED_CLOSE_CODES else code
 
 
 async def _close_both(first: AnyWebSocket, second: AnyWebSocket, code: int, reason: str) -> None:

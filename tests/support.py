@@ -149,7 +149,16 @@ def backend_app(name: str) -> web.Application:
         sock = web.WebSocketResponse(protocols=("chat.v2", "chat.v1"), autoping=True)
         await sock.prepare(request)
         await sock.send_str(f"hello from {name}")
-        async for msg in sock:
+        while True:
+            msg = await sock.receive()
+            if msg.type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSING,
+                aiohttp.WSMsgType.CLOSED,
+                aiohttp.WSMsgType.ERROR,
+            ):
+                knobs.ws_close_code = msg.data if msg.type == aiohttp.WSMsgType.CLOSE else -1
+                break
             if msg.type == aiohttp.WSMsgType.TEXT:
                 if msg.data.startswith("close:"):
                     _, code, reason = msg.data.split(":", 2)
@@ -158,7 +167,6 @@ def backend_app(name: str) -> web.Application:
                 await sock.send_str(f"{name}:{msg.data}")
             elif msg.type == aiohttp.WSMsgType.BINARY:
                 await sock.send_bytes(msg.data[::-1])
-        knobs.ws_close_code = sock.close_code
         return sock
 
     app.router.add_get("/", hello)
