@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from stickylb.app import build_app
-from stickylb.config import build_config
+from stickylb.config import Config, build_config
 from stickylb.server import runner_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +34,7 @@ class Knobs:
     def __init__(self) -> None:
         self.health_status = 200
         self.health_delay = 0.0
+        self.fail_next = 0  # answer 503 to this many health checks, then recover
         self.ws_close_code: int | None = None
 
 
@@ -143,6 +144,9 @@ def backend_app(name: str) -> web.Application:
         await record(request)
         if knobs.health_delay:
             await asyncio.sleep(knobs.health_delay)
+        if knobs.fail_next > 0:
+            knobs.fail_next -= 1
+            return web.Response(status=503, text="failing")
         return web.Response(status=knobs.health_status, text="ok")
 
     async def ws(request: web.Request) -> web.WebSocketResponse:
@@ -224,8 +228,11 @@ async def start_backend(name: str, port: int = 0) -> Running:
     return await start_app(backend_app(name), port, handle_signals=False)
 
 
-async def start_balancer(config_data: dict[str, Any]) -> Running:
-    config = build_config({"host": "127.0.0.1", **config_data})
+async def start_balancer(config_data: dict[str, Any] | Config) -> Running:
+    if isinstance(config_data, Config):
+        config = config_data
+    else:
+        config = build_config({"host": "127.0.0.1", **config_data})
     app = build_app(config)
     runner = runner_for(app, config)
     await runner.setup()
@@ -347,7 +354,7 @@ async def backends(*names: str) -> AsyncIterator[list[Running]]:
 
 
 @asynccontextmanager
-async def balancer(config: dict[str, Any]) -> AsyncIterator[Running]:
+async def balancer(config: dict[str, Any] | Config) -> AsyncIterator[Running]:
     lb = await start_balancer(config)
     try:
         yield lb
@@ -375,3 +382,20 @@ async def wait_for_state(lb_url: str, backend_id: Any, healthy: bool, limit: flo
 
 
 FAST_HEALTH = {"interval": 100, "path": "/health", "rise": 1, "fall": 1, "jitter": 0}
+
+
+def health_probes(server: Running) -> list[dict[str, Any]]:
+    return [r for r in server.app[SEEN] if r["path"].split("?")[0] in ("/health", "/ready")]
+
+
+async def until(predicate: Any, limit: float = 10.0, step: float = 0.05) -> None:
+    """Wait (bounded) until ``predicate()`` is true."""
+    deadline = asyncio.get_running_loop().time() + limit
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(step)
+
+
+def backend_status(status: dict[str, Any], backend_id: Any) -> dict[str, Any]:
+    return next(b for b in status["backends"] if b["id"] == backend_id)

@@ -1,0 +1,1 @@
+"""Example backends, health checks and embedding code for stickylb."""
