@@ -33,7 +33,7 @@ def backend_status(backend: Backend) -> dict[str, Any]:
         "url": backend.config.url,
         "healthy": backend.healthy,
         "state": "up" if backend.healthy else "down",
-        "weight": backend.weight,
+        "weight": int(backend.weight) if backend.weight.is_integer() else backend.weight,
         "requests": backend.requests,
         "activeConnections": backend.active,
         "maxConnections": backend.config.max_connections,

@@ -67,7 +67,7 @@ def setup_logging(level: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list and args_list[0] == "demo":
+    if args_list and args_list[0] in ("demo", "--demo"):
         from .demo import main as demo_main
 
         demo_main(args_list[1:])
