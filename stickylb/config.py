@@ -94,7 +94,7 @@ class _Model(BaseModel):
 def _load_callable(value: object) -> HealthCallable | None:
     """A custom check: a callable (Python API) or ``"package.module:function"`` (JSON)."""
     if value is None or callable(value):
-        return value  # type: ignore[return-value]
+        return value
     if not isinstance(value, str) or ":" not in value:
         raise ValueError('expected a callable or an import path "package.module:function"')
     module_name, _, attr_path = value.partition(":")

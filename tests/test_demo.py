@@ -52,8 +52,9 @@ async def test_launcher_starts_n_backends_and_stops_them_all(tmp_path):
         if all(_port_free(first + i) for i in range(3)):
             break
         first = free_port()
-    proc = spawn(["-m", "examples.launch", "-n", "3", "--port", str(first)], tmp_path,
-                 name="launch")
+    proc = spawn(
+        ["-m", "examples.launch", "-n", "3", "--port", str(first)], tmp_path, name="launch"
+    )
     try:
         for i in range(3):
             proc.wait_for(rf"backend-{i + 1} listening on http://127.0.0.1:{first + i}")
@@ -146,3 +147,35 @@ async def test_config_example_runs_unchanged_with_the_demo_backends(tmp_path):
         assert checks["backend-3"]["hasCustomFunction"] is True
     finally:
         assert proc.stop() == 0
+
+
+async def test_embedding_example_mounts_the_balancer_with_a_python_check():
+    from examples.embed import make_app
+    from stickylb.demo.backend import make_app as make_backend
+
+    from .support import start_app
+
+    servers = [
+        await start_app(make_backend(name, 0), handle_signals=False) for name in ("one", "two")
+    ]
+    lb = await start_app(
+        make_app(ports=tuple(s.port for s in servers), port=0),
+        handler_cancellation=True,
+        handle_signals=False,
+    )
+    try:
+        async with aiohttp.ClientSession() as client:
+            async with client.get(lb.url + "/local/ping") as resp:
+                assert await resp.text() == "pong from the embedding app\n"
+            names = set()
+            for _ in range(4):
+                async with client.get(lb.url + "/whoami") as resp:
+                    names.add((await resp.json())["name"])
+            assert names == {"one", "two"}
+            await wait_for_state(lb.url, "backend-1", healthy=True)
+            status = await lb_status(lb.url)
+        assert all(b["healthCheck"]["hasCustomFunction"] for b in status["backends"])
+        assert all(b["lastFailureReason"] is None for b in status["backends"])
+    finally:
+        for server in (lb, *servers):
+            await server.stop()

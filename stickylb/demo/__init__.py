@@ -30,8 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=3001, help="balancer port (no config)")
     parser.add_argument("--backends", type=int, default=3, help="how many backends (no config)")
     parser.add_argument("--strategy", default="round-robin", help="strategy (no config)")
-    parser.add_argument("--log-level", default="info",
-                        choices=("debug", "info", "warning", "error"))
+    parser.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
     return parser
 
 
@@ -43,38 +44,45 @@ async def _start_backend(name: str, host: str, port: int) -> tuple[web.AppRunner
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise StartupError(f"cannot start example backend {name} on port {port}: "
-                           f"{exc.strerror}") from None
+        raise StartupError(
+            f"cannot start example backend {name} on port {port}: {exc.strerror}"
+        ) from None
     bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     return runner, bound
 
 
 def _default_config(args: argparse.Namespace, ports: list[int]) -> Config:
-    return build_config({
-        "port": args.port,
-        "host": "127.0.0.1",
-        "strategy": args.strategy,
-        "health": {"interval": "2s", "path": "/health", "rise": 2, "fall": 2},
-        "backends": [{"id": f"backend-{i + 1}", "url": f"http://127.0.0.1:{port}"}
-                     for i, port in enumerate(ports)],
-    })
+    return build_config(
+        {
+            "port": args.port,
+            "host": "127.0.0.1",
+            "strategy": args.strategy,
+            "health": {"interval": "2s", "path": "/health", "rise": 2, "fall": 2},
+            "backends": [
+                {"id": f"backend-{i + 1}", "url": f"http://127.0.0.1:{port}"}
+                for i, port in enumerate(ports)
+            ],
+        }
+    )
 
 
 def _instructions(config: Config, addresses: list[str]) -> str:
     url = addresses[0].replace("0.0.0.0", "127.0.0.1")
     first = config.backends[0].url
-    return "\n".join([
-        "",
-        f"stickylb demo: {len(config.backends)} example backends behind {url}",
-        f"  open in a browser   {url}/",
-        f"  pinned requests     curl -c /tmp/lb.jar -b /tmp/lb.jar {url}/   (repeat it)",
-        f"  a new client        curl {url}/",
-        f"  balancer status     curl {url}/_lb/health",
-        f"  fail your backend   curl -b /tmp/lb.jar -X POST {url}/admin/fail",
-        f"  recover one         curl -X POST {first}/admin/recover",
-        "  stop                Ctrl+C",
-        "",
-    ])
+    return "\n".join(
+        [
+            "",
+            f"stickylb demo: {len(config.backends)} example backends behind {url}",
+            f"  open in a browser   {url}/",
+            f"  pinned requests     curl -c /tmp/lb.jar -b /tmp/lb.jar {url}/   (repeat it)",
+            f"  a new client        curl {url}/",
+            f"  balancer status     curl {url}/_lb/health",
+            f"  fail your backend   curl -b /tmp/lb.jar -X POST {url}/admin/fail",
+            f"  recover one         curl -X POST {first}/admin/recover",
+            "  stop                Ctrl+C",
+            "",
+        ]
+    )
 
 
 async def run_demo(args: argparse.Namespace) -> None:
@@ -122,5 +130,3 @@ def main(argv: Sequence[str]) -> None:
         sys.exit(EXIT_STARTUP)
     except KeyboardInterrupt:
         pass
-
-
