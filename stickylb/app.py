@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from .admin import AdminEndpoints
+from .admission import Admission
 from .affinity import StickyCookie
 from .alerts import AlertMailer
 from .config import Config, build_config
@@ -33,8 +34,12 @@ class Balancer:
         self.pool = Pool.from_config(config)
         self.cookie = StickyCookie(config.cookie)
         self._session: aiohttp.ClientSession | None = None
+        self.admission = Admission(config.max_connections, config.max_queue, config.queue_timeout)
+        self.pool.on_release = self.admission.wake
         self.websockets = WebSocketRelay(config, self.pool, self.cookie, self.session)
-        self.proxy = HttpProxy(config, self.pool, self.cookie, self.session, self.websockets)
+        self.proxy = HttpProxy(
+            config, self.pool, self.cookie, self.session, self.websockets, self.admission
+        )
         self.admin = AdminEndpoints(config, self.pool)
         self.checker = HealthChecker(config, self.pool)
         self.alerts = AlertMailer(config, self.pool) if config.email else None

@@ -53,7 +53,9 @@ DEFAULT_COOKIE_NAME = "X-Backend-ID"
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 60.0
 DEFAULT_WEBSOCKET_IDLE_TIMEOUT = 3600.0
-DEFAULT_KEEPALIVE_TIMEOUT = 75.0
+DEFAULT_KEEPALIVE_TIMEOUT = 15.0
+DEFAULT_QUEUE_TIMEOUT = 5.0
+DEFAULT_MAX_QUEUE = 1024
 DEFAULT_WS_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 DEFAULT_HEALTH_INTERVAL = 10.0
 DEFAULT_HEALTH_TIMEOUT = 2.0
@@ -141,6 +143,19 @@ def _check_networks(values: list[str]) -> list[str]:
         except ValueError:
             raise ValueError(f"{value!r} is not an IP address or CIDR network") from None
     return values
+
+
+class UnavailableConfig(_Model):
+    """The answer when no backend can take a request (node-harmony's ``unavailable``)."""
+
+    status: int = Field(default=503, ge=400, le=599)
+    body: str | None = None
+    content_type: str = "text/plain; charset=utf-8"
+    handler: CheckCallable = None  # (request) -> web.StreamResponse | str, sync or async
+
+
+def _unavailable(value: object) -> object:
+    return {"body": value} if isinstance(value, str) else value
 
 
 class CookieConfig(_Model):
@@ -378,6 +393,10 @@ class Config(BaseSettings):
     preserve_host: bool = False
     trusted_proxies: list[str] = Field(default_factory=list)
     retries: int = Field(default=1, ge=0, le=10)
+    max_connections: int | None = Field(default=None, ge=1)
+    max_queue: int = Field(default=DEFAULT_MAX_QUEUE, ge=0)
+    queue_timeout: Duration = DEFAULT_QUEUE_TIMEOUT
+    unavailable: Annotated[UnavailableConfig | None, BeforeValidator(_unavailable)] = None
     shutdown_timeout: Duration = DEFAULT_SHUTDOWN_TIMEOUT
     timeouts: TimeoutsConfig = TimeoutsConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -585,7 +604,14 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
 
 def describe(config: Config) -> dict[str, Any]:
     """The resolved settings as JSON-ready data, secrets masked (for ``--check``)."""
-    data = config.model_dump(mode="json", by_alias=True, exclude={"backends", "health"})
+    data = config.model_dump(
+        mode="json", by_alias=True, exclude={"backends", "health", "unavailable"}
+    )
+    if config.unavailable is not None:
+        data["unavailable"] = config.unavailable.model_dump(
+            mode="json", by_alias=True, exclude={"handler"}
+        )
+        data["unavailable"]["handler"] = _callable_name(config.unavailable.handler)
     data["health"] = config.health.model_dump(mode="json", by_alias=True, exclude={"check"})
     data["health"]["check"] = _callable_name(config.health.check)
     data["backends"] = []

@@ -111,6 +111,7 @@ class Pool:
         self._max_fails = max_fails
         self._fail_window = fail_window
         self._listeners: list[Listener] = []
+        self.on_release: Callable[[], None] = lambda: None  # e.g. wake requests queued for a slot
 
     @classmethod
     def from_config(cls, config: Config) -> Pool:
@@ -162,9 +163,9 @@ class Pool:
         backend.requests += 1
         backend.active += 1
 
-    @staticmethod
-    def release(backend: Backend) -> None:
+    def release(self, backend: Backend) -> None:
         backend.active -= 1
+        self.on_release()
 
     # --- health ---------------------------------------------------------------------------
 

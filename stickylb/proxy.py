@@ -15,6 +15,7 @@ truncation is visible instead of looking like a complete answer.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -23,8 +24,9 @@ import aiohttp
 from aiohttp import hdrs, web
 from yarl import URL
 
+from .admission import Admission
 from .affinity import StickyCookie
-from .config import Config
+from .config import Config, UnavailableConfig
 from .durations import format_ms
 from .errors import (
     NoBackendAvailable,
@@ -49,6 +51,35 @@ BACKEND_ID_HEADER = "x-backend-id"
 
 def error_response(error: StickyLBError) -> web.Response:
     return web.json_response({"error": error.public_message}, status=error.status)
+
+
+class Unavailable:
+    """The answer when no backend can take a request: JSON 503 unless ``unavailable`` is set."""
+
+    def __init__(self, config: UnavailableConfig | None) -> None:
+        self._config = config
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        config = self._config
+        if config is None:
+            return error_response(NoBackendAvailable())
+        if config.handler is not None:
+            result = config.handler(request)
+            if inspect.isawaitable(result):
+                result = await result
+            if isinstance(result, web.StreamResponse):
+                return result
+            return web.Response(
+                status=config.status,
+                text=str(result),
+                content_type=config.content_type.split(";")[0],
+            )
+        body = config.body if config.body is not None else NoBackendAvailable.public_message
+        return web.Response(
+            status=config.status,
+            body=body.encode(),
+            headers={hdrs.CONTENT_TYPE: config.content_type},
+        )
 
 
 class RequestBody:
@@ -107,8 +138,11 @@ class HttpProxy:
         cookie: StickyCookie,
         session: Callable[[], aiohttp.ClientSession],
         websocket_relay: Callable[[web.Request, Choice], Any],
+        admission: Admission,
     ) -> None:
         self._pool = pool
+        self._admission = admission
+        self.unavailable = Unavailable(config.unavailable)
         self._cookie = cookie
         self._session = session
         self._relay_websocket = websocket_relay
@@ -127,19 +161,37 @@ class HttpProxy:
             sock_read=config.timeouts.read or None,
         )
 
-    def choose(self, request: web.Request) -> Choice | None:
+    async def choose(self, request: web.Request) -> Choice | None:
+        """The sticky or balanced backend; waits in the queue while the right ones are full."""
         token = self._cookie.read(request.headers.get(hdrs.COOKIE)) if self._sticky else None
-        return self._pool.choose(token)
+        pinned = self._pool.pinned(token)
+        if pinned is not None and pinned.healthy and pinned.full:
+            # Keep the client's session: wait for a slot on its own backend.
+            if await self._admission.wait_until(lambda: pinned.available):
+                return Choice(pinned, repinned=False)
+            return None
+        choice = self._pool.choose(token)
+        if choice is None and any(b.healthy for b in self._pool.backends):
+            await self._admission.wait_until(lambda: self._pool.choose(token) is not None)
+            choice = self._pool.choose(token)
+        return choice
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        choice = self.choose(request)
-        if choice is None:
-            return error_response(NoBackendAvailable())
-        if request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
-            return await self._relay_websocket(request, choice)  # type: ignore[no-any-return]
+        if not await self._admission.enter():
+            return await self.unavailable(request)
+        try:
+            choice = await self.choose(request)
+            if choice is None:
+                return await self.unavailable(request)
+            if request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
+                return await self._relay_websocket(request, choice)  # type: ignore[no-any-return]
+            return await self._proxy(request, choice)
+        finally:
+            self._admission.leave()
+
+    async def _proxy(self, request: web.Request, choice: Choice) -> web.StreamResponse:
         if self._max_body is not None and (request.content_length or 0) > self._max_body:
             return error_response(RequestTooLarge())
-
         body = RequestBody(request, self._max_body)
         tried: tuple[Backend, ...] = ()
         while True:
