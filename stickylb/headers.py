@@ -121,3 +121,21 @@ def offered_subprotocols(headers: CIMultiDictProxy[str]) -> tuple[str, ...]:
         for token in value.split(",")
         if token.strip()
     )
+
+
+def origin_form(raw_target: str) -> str | None:
+    """The request target to send upstream: origin-form ("/path?query") or None if unusable.
+
+    Absolute-form targets ("http://host/path", RFC 9112 3.2.2) keep only their path and query;
+    the backend is ours to choose, never the client's. Asterisk-form and anything else is None.
+    """
+    if raw_target.startswith("/"):
+        return raw_target
+    scheme, sep, rest = raw_target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return None
+    start = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    target = rest[start:]
+    if not target.startswith("/"):
+        target = "/" + target
+    return target

@@ -36,7 +36,7 @@ from .errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from .headers import downstream_headers, parse_networks, upstream_headers
+from .headers import downstream_headers, origin_form, parse_networks, upstream_headers
 from .pool import Backend, Choice, Pool
 
 log = logging.getLogger("stickylb.proxy")
@@ -167,12 +167,12 @@ class HttpProxy:
         pinned = self._pool.pinned(token)
         if pinned is not None and pinned.healthy and pinned.full:
             # Keep the client's session: wait for a slot on its own backend.
-            if await self._admission.wait_until(lambda: pinned.available):
+            if await self._admission.wait_until(lambda: pinned.available, pinned.key):
                 return Choice(pinned, repinned=False)
             return None
         choice = self._pool.choose(token)
         if choice is None and any(b.healthy for b in self._pool.backends):
-            await self._admission.wait_until(lambda: self._pool.choose(token) is not None)
+            await self._admission.wait_until(lambda: self._pool.choose(token) is not None, "any")
             choice = self._pool.choose(token)
         return choice
 
@@ -190,6 +190,9 @@ class HttpProxy:
             self._admission.leave()
 
     async def _proxy(self, request: web.Request, choice: Choice) -> web.StreamResponse:
+        target = origin_form(request.raw_path)
+        if target is None:
+            return web.json_response({"error": "Bad request target."}, status=400)
         if self._max_body is not None and (request.content_length or 0) > self._max_body:
             return error_response(RequestTooLarge())
         body = RequestBody(request, self._max_body)
@@ -198,7 +201,7 @@ class HttpProxy:
             backend = choice.backend
             self._pool.acquire(backend)
             try:
-                upstream = await self._send(request, backend, body)
+                upstream = await self._send(request, backend, target, body)
                 try:
                     return await self._relay_response(request, upstream, choice)
                 finally:
@@ -247,7 +250,7 @@ class HttpProxy:
         return None if choice is None else Choice(choice.backend, repinned=True)
 
     async def _send(
-        self, request: web.Request, backend: Backend, body: RequestBody
+        self, request: web.Request, backend: Backend, target: str, body: RequestBody
     ) -> aiohttp.ClientResponse:
         headers = upstream_headers(
             request.headers,
@@ -261,7 +264,7 @@ class HttpProxy:
         try:
             return await self._session().request(
                 request.method,
-                URL(backend.base + request.raw_path, encoded=True),
+                URL(backend.base + target, encoded=True),
                 headers=headers,
                 data=body.chunks() if body.present else None,
                 allow_redirects=False,

@@ -29,6 +29,7 @@ from .errors import UpstreamError
 from .headers import (
     WEBSOCKET_HANDSHAKE_HEADERS,
     offered_subprotocols,
+    origin_form,
     parse_networks,
     upstream_headers,
 )
@@ -107,7 +108,7 @@ class WebSocketRelay:
         try:
             async with asyncio.timeout(self._connect_timeout * 2):
                 return await self._session().ws_connect(
-                    URL(backend.base + request.raw_path, encoded=True),
+                    URL(backend.base + (origin_form(request.raw_path) or "/"), encoded=True),
                     protocols=offered_subprotocols(request.headers),
                     headers=headers,
                     autoping=False,

@@ -62,6 +62,7 @@ def backend_app(name: str) -> web.Application:
         return web.Response(text=name)
 
     async def echo(request: web.Request) -> web.Response:
+        await record(request)
         body = await request.read()
         return web.json_response(
             {
@@ -173,6 +174,15 @@ def backend_app(name: str) -> web.Application:
                 await sock.send_bytes(msg.data[::-1])
         return sock
 
+    @web.middleware
+    async def record_all(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path not in ("/", "/echo", "/health", "/ready") and not request.path.startswith(
+            "/echo/"
+        ):
+            await record(request)
+        return await handler(request)
+
+    app.middlewares.append(record_all)
     app.router.add_get("/", hello)
     app.router.add_route("*", "/echo", echo)
     app.router.add_route("*", "/echo/{tail:.*}", echo)

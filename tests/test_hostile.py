@@ -1,0 +1,227 @@
+"""Hostile and malformed input, through raw sockets: refused, never forwarded, never a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import struct
+
+import aiohttp
+import pytest
+
+from .support import SEEN, backends, balancer, run_cli, spawn_balancer
+
+SMUGGLING = {
+    "cl-and-te": b"POST /echo?m=S HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "duplicate-cl": b"POST /echo?m=S HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+    b"Content-Length: 5\r\n\r\nabcde",
+    "duplicate-cl-same": b"POST /echo?m=S HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+    b"Content-Length: 4\r\n\r\nabcd",
+    "cl-list": b"POST /echo?m=S HTTP/1.1\r\nHost: x\r\nContent-Length: 4, 4\r\n\r\nabcd",
+    "cl-negative": b"POST /echo?m=S HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    "cl-junk": b"POST /echo?m=S HTTP/1.1\r\nHost: x\r\nContent-Length: 4a\r\n\r\nabcd",
+    "cl-plus": b"POST /echo?m=S HTTP/1.1\r\nHost: x\r\nContent-Length: +4\r\n\r\nabcd",
+    "chunk-size-junk": b"POST /echo?m=S HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"zz\r\nabc\r\n0\r\n\r\n",
+    "chunk-ext-control": b"POST /echo?m=S HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3;\x01\r\nabc\r\n0\r\n\r\n",
+    "te-unknown": b"POST /echo?m=S HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n"
+    b"0\r\n\r\n",
+    "te-chunked-not-last": b"POST /echo?m=S HTTP/1.1\r\nHost: x\r\n"
+    b"Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+    "te-duplicate": b"POST /echo?m=S HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "te-space-before-colon": b"POST /echo?m=S HTTP/1.1\r\nHost: x\r\n"
+    b"Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+    "te-on-http10": b"POST /echo?m=S HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"0\r\n\r\n",
+    "obs-fold": b"GET /echo?m=S HTTP/1.1\r\nHost: x\r\nX-A: a\r\n  b\r\n\r\n",
+    "bare-lf": b"GET /echo?m=S HTTP/1.1\nHost: x\n\n",
+    "nul-in-header": b"GET /echo?m=S HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    "two-hosts": b"GET /echo?m=S HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+    "invalid-utf8-path": b"GET /echo/\xff\xfe?m=S HTTP/1.1\r\nHost: x\r\n\r\n",
+    "garbage": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http at all\r\n\r\n",
+}
+
+
+async def exchange(url: str, raw: bytes, limit: float = 5.0) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(raw)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), limit)
+    finally:
+        writer.close()
+
+
+def statuses(answer: bytes) -> list[int]:
+    return [
+        int(line.split(b" ")[1]) for line in answer.split(b"\r\n") if line.startswith(b"HTTP/1.")
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(SMUGGLING))
+async def test_ambiguous_framing_is_refused_and_never_forwarded(name, caplog):
+    async with backends("a") as servers:
+        config = {
+            "port": 0,
+            "backends": [{"id": "a", "url": servers[0].url}],
+            "health": {"enabled": False},
+        }
+        async with balancer(config) as lb:
+            follow = b"GET /echo?m=FOLLOW HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            answer = await exchange(lb.url, SMUGGLING[name] + follow)
+            assert statuses(answer) == [400], answer[:300]
+            assert b"Traceback" not in answer
+            async with aiohttp.ClientSession() as client, client.get(lb.url + "/") as resp:
+                assert resp.status == 200  # the proxy is fine
+    forwarded = [r["path"] for r in servers[0].app[SEEN] if "m=" in r["path"]]
+    assert forwarded == []
+    assert not [r for r in caplog.records if r.levelno >= 40]
+
+
+async def test_absolute_form_target_goes_to_our_backend_with_its_path_only():
+    async with backends("a") as servers:
+        config = {
+            "port": 0,
+            "backends": [{"id": "a", "url": servers[0].url}],
+            "health": {"enabled": False},
+        }
+        async with balancer(config) as lb:
+            raw = (
+                b"GET http://evil.test:9/echo?m=abs HTTP/1.1\r\nHost: evil.test\r\n"
+                b"Connection: close\r\n\r\n"
+            )
+            answer = await exchange(lb.url, raw)
+    assert statuses(answer) == [200]
+    seen = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert seen["path"] == "/echo?m=abs"
+    assert seen["headers"]["Host"] == servers[0].url.removeprefix("http://")
+
+
+async def test_junk_on_a_websocket_gets_a_clean_close(caplog):
+    async with backends("a") as servers:
+        config = {
+            "port": 0,
+            "backends": [{"id": "a", "url": servers[0].url}],
+            "health": {"enabled": False},
+        }
+        async with balancer(config) as lb:
+            host, port = lb.url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            )
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 101")
+            # an unmasked frame with a reserved opcode and a bogus length: a protocol error
+            writer.write(bytes([0x8F, 0x7F]) + struct.pack("!Q", 2**62) + os.urandom(64))
+            await writer.drain()
+            rest = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            assert b"Traceback" not in rest
+            async with aiohttp.ClientSession() as client:
+                async with client.ws_connect(lb.url + "/ws") as ws:
+                    assert await ws.receive_str() == "hello from a"
+    assert not [r for r in caplog.records if r.levelno >= 40]
+
+
+async def test_admin_endpoints_need_an_allowed_address_or_the_token():
+    async with backends("a") as servers:
+        config = {
+            "port": 0,
+            "backends": [{"id": "a", "url": servers[0].url}],
+            "health": {"interval": "60s"},
+            "admin": {"allow": ["10.0.0.0/8"], "token": "s3cret-admin-token"},
+        }
+        async with balancer(config) as lb, aiohttp.ClientSession() as client:
+            async with client.get(lb.url + "/_lb/health") as resp:
+                assert resp.status == 404
+            bad = {"Authorization": "Bearer wrong"}
+            async with client.get(lb.url + "/_lb/health", headers=bad) as resp:
+                assert resp.status == 404
+            good = {"Authorization": "Bearer s3cret-admin-token"}
+            async with client.get(lb.url + "/_lb/health", headers=good) as resp:
+                assert resp.status == 200
+                assert "s3cret-admin-token" not in await resp.text()
+    assert all("/_lb" not in r["path"] for r in servers[0].app[SEEN])
+
+
+async def test_admin_prefix_is_configurable_so_backend_paths_are_not_shadowed():
+    async with backends("a") as servers:
+        config = {
+            "port": 0,
+            "backends": [{"id": "a", "url": servers[0].url}],
+            "health": {"interval": "60s"},
+            "admin": {"prefix": "/_stickylb"},
+        }
+        async with balancer(config) as lb, aiohttp.ClientSession() as client:
+            async with client.get(lb.url + "/_stickylb/health") as resp:
+                assert resp.status == 200
+            async with client.get(lb.url + "/_lb/health") as resp:
+                assert resp.headers["x-backend-id"] == "a"  # proxied: the backend's own path
+    assert "/_lb/health" in [r["path"] for r in servers[0].app[SEEN]]
+
+
+async def test_no_secret_appears_anywhere_the_process_prints(tmp_path):
+    secrets = {
+        "smtp": "smtp-pass-7c1e0",
+        "header": "health-header-9d2a",
+        "cookie": "cookie-secret-4b8f",
+        "admin": "admin-token-1f6d",
+    }
+    async with backends("a", "b") as servers:
+        config = {
+            "backends": [
+                {
+                    "id": "a",
+                    "url": servers[0].url,
+                    "owner": "a@example.test",
+                    "healthHeaders": {"X-Token": secrets["header"]},
+                },
+                {"id": "b", "url": "http://127.0.0.1:9", "owner": "b@example.test"},
+            ],
+            "health": {"interval": 200, "timeout": 300, "fall": 1},
+            "cookie": {"secret": secrets["cookie"]},
+            "admin": {"token": secrets["admin"], "allow": []},
+            "email": {
+                "host": "127.0.0.1",
+                "port": 9,
+                "auth": {"user": "lb"},
+                "retries": 0,
+                "cooldown": 0,
+            },
+        }
+        env = {"STICKYLB_EMAIL__AUTH__PASS": secrets["smtp"]}
+        proc = spawn_balancer(config, tmp_path, "--log-level", "debug", "--access-log", env=env)
+        try:
+            outputs = []
+            async with aiohttp.ClientSession() as client:
+                for path in ("/", "/_lb/health", "/_lb/nothing", "/status/500"):
+                    async with client.get(proc.url + path) as resp:
+                        outputs.append(await resp.text())
+                auth = {"Authorization": f"Bearer {secrets['admin']}"}
+                async with client.get(proc.url + "/_lb/health", headers=auth) as resp:
+                    outputs.append(await resp.text())
+                    assert resp.status == 200
+                for _ in range(40):
+                    if "alert mail" in proc.output:
+                        break
+                    await asyncio.sleep(0.1)
+        finally:
+            proc.stop()
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps({"port": 1, **config}))
+        check = run_cli(["--check", str(path)], tmp_path, env=env)
+        bad = dict(config, strategy="nope")
+        path.write_text(json.dumps({"port": 1, **bad}))
+        failed = run_cli([str(path)], tmp_path, env=env)
+    everything = "\n".join([proc.output, *outputs, check.stdout, check.stderr, failed.stderr])
+    assert "alert mail" in proc.output and "DOWN" in proc.output
+    for secret in secrets.values():
+        assert secret not in everything
