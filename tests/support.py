@@ -235,7 +235,7 @@ async def start_app(app: web.Application, port: int = 0, **runner_kwargs: Any) -
 
 
 async def start_backend(name: str, port: int = 0) -> Running:
-    return await start_app(backend_app(name), port, handle_signals=False)
+    return await start_app(backend_app(name), port, handle_signals=False, shutdown_timeout=1.0)
 
 
 async def start_balancer(config_data: dict[str, Any] | Config) -> Running:
