@@ -29,7 +29,7 @@ from .websocket import WebSocketRelay
 class Balancer:
     """All running pieces of one load balancer, created from its (frozen) config."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, send_alerts: bool = True) -> None:
         self.config = config
         self.pool = Pool.from_config(config)
         self.cookie = StickyCookie(config.cookie)
@@ -42,7 +42,7 @@ class Balancer:
         )
         self.admin = AdminEndpoints(config, self.pool)
         self.checker = HealthChecker(config, self.pool)
-        self.alerts = AlertMailer(config, self.pool) if config.email else None
+        self.alerts = AlertMailer(config, self.pool) if config.email and send_alerts else None
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -76,9 +76,9 @@ class Balancer:
 BALANCER_KEY = web.AppKey("stickylb.balancer", Balancer)
 
 
-def install(app: web.Application, config: Config) -> Balancer:
+def install(app: web.Application, config: Config, *, send_alerts: bool = True) -> Balancer:
     """Add a balancer for ``config`` to ``app``; routes added before it keep priority."""
-    balancer = Balancer(config)
+    balancer = Balancer(config, send_alerts=send_alerts)
     app[BALANCER_KEY] = balancer
     balancer.admin.routes(app)
     app.router.add_route("*", "/{tail:.*}", balancer.proxy.handle)
@@ -87,7 +87,7 @@ def install(app: web.Application, config: Config) -> Balancer:
     return balancer
 
 
-def build_app(config: Config | Mapping[str, Any]) -> web.Application:
+def build_app(config: Config | Mapping[str, Any], *, send_alerts: bool = True) -> web.Application:
     """A ``web.Application`` that is one load balancer.
 
     >>> app = build_app({"port": 0, "backends": [{"id": 0, "url": "http://127.0.0.1:5000"}]})
@@ -97,7 +97,7 @@ def build_app(config: Config | Mapping[str, Any]) -> web.Application:
     if not isinstance(config, Config):
         config = build_config(config)
     app = web.Application(handler_args=handler_args(config))
-    install(app, config)
+    install(app, config, send_alerts=send_alerts)
     return app
 
 

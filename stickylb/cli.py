@@ -10,13 +10,16 @@ import argparse
 import asyncio
 import json
 import logging
+import socket
 import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .app import build_app
 from .config import ConfigError, describe, load_config
 from .loops import LOOP_CHOICES, loop_factory, loop_name
 from .server import StartupError, serve
+from .workers import run_workers
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 1
@@ -34,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
         "--check",
         action="store_true",
         help="validate the config, print the resolved settings and exit",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N balancer processes sharing the port (default 1)",
     )
     _common_options(parser)
     return parser
@@ -57,10 +67,11 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, workers: int = 1) -> None:
+    process = " [%(process)d]" if workers > 1 else ""
     logging.basicConfig(
         level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s{process} %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
 
@@ -83,7 +94,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps(describe(config), indent=2))
         print(f"stickylb: {args.config}: OK", file=sys.stderr)
         return
-    setup_logging(args.log_level)
+    if args.workers < 1:
+        print("stickylb: --workers must be at least 1", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    setup_logging(args.log_level, args.workers)
     try:
         factory = loop_factory(args.loop)
     except RuntimeError as exc:
@@ -91,11 +105,29 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(EXIT_STARTUP)
     logging.getLogger("stickylb").debug("event loop: %s", loop_name(factory))
     access_log = logging.getLogger("stickylb.access") if args.access_log else None
-    try:
+
+    def run(sock: socket.socket | None = None, index: int = 0) -> None:
+        app = build_app(config, send_alerts=index == 0)
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(serve(config, access_log=access_log))
+            runner.run(serve(config, app, access_log=access_log, sock=sock))
+
+    try:
+        if args.workers > 1:
+
+            def worker(index: int, sock: socket.socket) -> int:
+                run(sock, index)
+                return 0
+
+            sys.exit(run_workers(args.workers, config, worker))
+        run()
     except StartupError as exc:
         print(f"stickylb: {exc}", file=sys.stderr)
+        sys.exit(EXIT_STARTUP)
+    except OSError as exc:  # binding the shared socket for --workers
+        print(
+            f"stickylb: cannot listen on {config.host}:{config.port}: {exc.strerror}",
+            file=sys.stderr,
+        )
         sys.exit(EXIT_STARTUP)
     except KeyboardInterrupt:
         pass

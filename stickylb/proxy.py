@@ -47,6 +47,10 @@ SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept-Encoding", "Content-Type"})
 # aiohttp's server has already answered "100 Continue" to the client by the time we forward.
 DROP_REQUEST_HEADERS = frozenset({"expect"})
 BACKEND_ID_HEADER = "x-backend-id"
+# A length-delimited answer up to this size is read whole and sent in one write; anything larger,
+# chunked or open-ended is streamed chunk by chunk. Bounded, so memory stays bounded.
+SMALL_BODY = 64 * 1024
+_BODILESS_STATUSES = frozenset({204, 304})
 
 
 def error_response(error: StickyLBError) -> web.Response:

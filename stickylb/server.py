@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -47,12 +48,17 @@ async def serve(
     *,
     access_log: logging.Logger | None = None,
     on_ready: Callable[[list[str]], None] | None = None,
+    sock: socket.socket | None = None,
 ) -> None:
-    """Run the balancer until SIGTERM or SIGINT."""
+    """Run the balancer until SIGTERM or SIGINT (on ``sock`` when given, as workers do)."""
     app = app if app is not None else build_app(config)
     runner = runner_for(app, config, access_log=access_log)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, backlog=1024)
+    site: web.BaseSite
+    if sock is not None:
+        site = web.SockSite(runner, sock)
+    else:
+        site = web.TCPSite(runner, config.host, config.port, backlog=1024)
     try:
         await site.start()
     except OSError as exc:
@@ -99,7 +105,7 @@ async def serve(
     log.info("stickylb stopped")
 
 
-def _sockets(site: web.TCPSite) -> list[Any]:
+def _sockets(site: web.BaseSite) -> list[Any]:
     server = site._server  # aiohttp exposes no public accessor for the bound sockets
     return list(getattr(server, "sockets", None) or [])
 

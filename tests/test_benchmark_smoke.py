@@ -13,13 +13,24 @@ def test_benchmark_smoke_mode_runs_and_writes_results(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--smoke", "--json", str(out)],
-        cwd=str(ROOT), capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"direct", "stickylb-asyncio"}
     ours = report["medians"]["stickylb-asyncio"]
-    for metric in ("tiny_rps", "tiny_p99_ms", "tiny_cookie_rps", "big_mib_s", "ws_msgs_s",
-                   "ws_cpu_us_per_msg", "idle_ws_kib"):
+    for metric in (
+        "tiny_rps",
+        "tiny_p99_ms",
+        "tiny_cookie_rps",
+        "big_mib_s",
+        "ws_msgs_s",
+        "ws_cpu_us_per_msg",
+        "idle_ws_kib",
+    ):
         assert ours[metric] > 0, metric
     assert "| tiny: requests/s |" in result.stdout

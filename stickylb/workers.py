@@ -1,0 +1,99 @@
+"""``--workers N``: N balancer processes sharing one listening socket.
+
+The parent binds the socket, forks N children (before any event loop or thread exists), and
+supervises them: a worker that dies is replaced; SIGTERM/SIGINT are passed on, and the parent
+exits once every worker has stopped. A second signal is passed on too, so workers exit at once.
+
+Each worker is a complete balancer with its own connection counts, health checks and
+passive-failure view. Stickiness holds across workers because the cookie alone names the
+backend. Alert mail is sent by worker 0 only, so owners get one mail per change, not N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from .config import Config
+
+log = logging.getLogger("stickylb")
+
+RESTART_BACKOFF = 1.0
+
+
+def listening_socket(config: Config) -> socket.socket:
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((config.host, config.port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_workers(count: int, config: Config, run_worker: Callable[[int, socket.socket], int]) -> int:
+    """Fork ``count`` workers running ``run_worker(index, sock)``; return the exit status."""
+    sock = listening_socket(config)
+    host, port = sock.getsockname()[:2]
+    log.info(
+        "stickylb listening on http://%s:%d with %d workers",
+        f"[{host}]" if ":" in host else host,
+        port,
+        count,
+    )
+    children: dict[int, int] = {}  # pid -> worker index
+    signals_seen = 0
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            status = 1
+            try:
+                status = run_worker(index, sock)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(status)
+        children[pid] = index
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    for index in range(count):
+        spawn(index)
+    worst = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        if pid not in children:
+            continue
+        index = children.pop(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if signals_seen:
+            worst = max(worst, code)
+            continue
+        log.warning("worker %d (pid %d) exited with %d; starting a new one", index, pid, code)
+        time.sleep(RESTART_BACKOFF)
+        spawn(index)
+    sock.close()
+    log.info("stickylb stopped (%d workers)", count)
+    return worst
