@@ -22,7 +22,7 @@ from .config import Config, build_config
 from .health import HealthChecker
 from .pool import Pool
 from .protocol_log import PROTOCOL_LOGGER
-from .proxy import HttpProxy
+from .proxy import SKIP_AUTO_HEADERS, HttpProxy
 from .websocket import WebSocketRelay
 
 
@@ -54,6 +54,7 @@ class Balancer:
             connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=False),
             cookie_jar=aiohttp.DummyCookieJar(),  # one user's cookies never reach another
             auto_decompress=False,
+            skip_auto_headers=SKIP_AUTO_HEADERS,  # the client's own headers (or none) pass as sent
             trust_env=False,
             max_field_size=self.config.limits.max_header_size * 2,
         )

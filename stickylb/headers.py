@@ -58,13 +58,12 @@ def peer_in(peer: str | None, networks: tuple[Network, ...]) -> bool:
     return any(address in network for network in networks)
 
 
-def _connection_scoped(headers: Mapping[str, str]) -> set[str]:
-    named = {
-        token.strip().lower()
-        for value in headers.getall("Connection", ())  # type: ignore[attr-defined]
-        for token in value.split(",")
-    }
-    return named | HOP_BY_HOP_HEADERS
+def _connection_scoped(headers: Mapping[str, str]) -> frozenset[str]:
+    values = headers.getall("Connection", ())  # type: ignore[attr-defined]
+    if not values:
+        return HOP_BY_HOP_HEADERS
+    named = {token.strip().lower() for value in values for token in value.split(",")}
+    return HOP_BY_HOP_HEADERS | named
 
 
 def upstream_headers(

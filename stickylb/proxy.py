@@ -272,7 +272,6 @@ class HttpProxy:
                 headers=headers,
                 data=body.chunks() if body.present else None,
                 allow_redirects=False,
-                skip_auto_headers=SKIP_AUTO_HEADERS,
                 timeout=self._timeout,
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
