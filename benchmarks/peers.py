@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,14 +67,20 @@ class Running:
 
 
 def start(command: list[str], port: int, name: str, core: str, **kwargs: object) -> Running:
-    proc = subprocess.Popen(
-        pinned(command, core),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        **kwargs,
-    )
-    wait_port(port)
+    log = Path(tempfile.gettempdir()) / f"stickylb-bench-{name}-{port}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            pinned(command, core),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            **kwargs,
+        )
+    try:
+        wait_port(port)
+    except RuntimeError:
+        proc.kill()
+        raise RuntimeError(f"{name} did not start; its output is in {log}") from None
     return Running(name, port, [proc], http_pid=proc.pid)
 
 
@@ -81,7 +88,10 @@ def start_backends(workdir: Path, use_nginx: bool) -> tuple[Running, Running, li
     """Two HTTP backend ports (nginx when available) and one WebSocket echo backend."""
     ports = [free_port(), free_port()]
     if use_nginx:
+        # nginx's worker runs as an unprivileged user: let it read the body it serves
+        workdir.chmod(0o755)
         (workdir / "big.bin").write_bytes(b"x" * (1024 * 1024))
+        (workdir / "big.bin").chmod(0o644)
         servers = "\n".join(
             f"""server {{ listen 127.0.0.1:{port}; access_log off;
                 location = /tiny {{ default_type text/plain; return 200 "ok"; }}
@@ -174,7 +184,7 @@ def start_haproxy(workdir: Path, ports: list[int], ws_port: int) -> Running:
     conf = workdir / "haproxy.cfg"
     conf.write_text(f"""global
   nbthread 1
-  maxconn 20000
+  maxconn 9000
 defaults
   mode http
   timeout connect 5s

@@ -210,3 +210,22 @@ async def test_flood_beyond_max_connections_still_serves_a_patient_client():
                 await asyncio.wait_for(asyncio.gather(*floods), 30)
             assert set(outcomes) == {200}  # the flood itself was queued, not dropped
             assert lb.app[BALANCER_KEY].admission.active == 0
+
+
+async def test_request_body_over_the_limit_gets_413():
+    async with backends("a") as servers:
+        config = {"port": 0, "backends": [{"id": "a", "url": servers[0].url}],
+                  "health": {"interval": "60s"}, "limits": {"maxBodySize": "64KiB"}}
+        async with balancer(config) as lb, aiohttp.ClientSession() as client:
+            async with client.post(lb.url + "/upload", data=b"x" * 70_000) as resp:
+                assert resp.status == 413  # declared by Content-Length: refused up front
+
+            async def chunked():
+                for _ in range(40):
+                    yield b"y" * 4096
+
+            async with client.post(lb.url + "/upload", data=chunked()) as resp:
+                assert resp.status == 413  # found while streaming
+            async with client.post(lb.url + "/upload", data=b"z" * 60_000) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["size"] == 60_000
