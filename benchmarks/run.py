@@ -150,10 +150,21 @@ def table(results: dict[str, dict[str, list[float]]], names: list[str]) -> str:
     return "\n".join(lines)
 
 
+IDLE_WS_TARGET_KIB = 64
+
+
 def verdicts(results: dict[str, dict[str, list[float]]]) -> list[str]:
-    if "haproxy" not in results:
-        return ["(HAProxy not installed: no target ratios)"]
     lines = []
+    for name in (n for n in results if n.startswith("stickylb")):
+        idle = results[name].get("idle_ws_kib")
+        if idle:
+            ok = median(idle) <= IDLE_WS_TARGET_KIB
+            lines.append(
+                f"{name} idle_ws_kib: {median(idle):.1f} KiB per connection (target <= "
+                f"{IDLE_WS_TARGET_KIB}) {'met' if ok else 'NOT met'}"
+            )
+    if "haproxy" not in results:
+        return [*lines, "(HAProxy not installed: no target ratios)"]
     for name in (n for n in results if n.startswith("stickylb")):
         for metric, (target, better) in TARGETS.items():
             ours, theirs = results[name].get(metric), results["haproxy"].get(metric)
@@ -218,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {repeat + 1}/{args.repeats}: {name}", file=sys.stderr, flush=True)
                 measure(name, running, args, results)
         for name, running in started.items():
-            if name != "direct":
+            if name != "direct" and args.idle_ws > 0:
                 kib = asyncio.run(
                     load.idle_websockets(
                         f"http://127.0.0.1:{running.ws_port}/ws", running.ws_pid, args.idle_ws

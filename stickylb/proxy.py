@@ -246,9 +246,9 @@ class HttpProxy:
     ) -> Choice | None:
         if len(tried) > self._retries or isinstance(exc, UpstreamTimeout):
             return None
-        if exc.request_sent and (request.method not in IDEMPOTENT_METHODS or body.started):
-            return None
         if body.started:  # the client's bytes are gone; nothing to send again
+            return None
+        if exc.request_sent and request.method not in IDEMPOTENT_METHODS:
             return None
         choice = self._pool.choose(None, exclude=tried)
         return None if choice is None else Choice(choice.backend, repinned=True)
