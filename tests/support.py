@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -250,6 +251,23 @@ async def start_balancer(config_data: dict[str, Any] | Config) -> Running:
     await site.start()
     sock = site._server.sockets[0]  # type: ignore[union-attr]
     return Running(app, runner, f"http://127.0.0.1:{sock.getsockname()[1]}")
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (for backends that must be dead, or started later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def one_backend(server: Running, **extra: Any) -> dict[str, Any]:
+    """An in-process balancer config in front of one backend, checks slowed to once a minute."""
+    return {
+        "port": 0,
+        "backends": [{"id": server.name, "url": server.url}],
+        "health": {"interval": "60s"},
+        **extra,
+    }
 
 
 def backends_config(*backends: Running, **extra: Any) -> list[dict[str, Any]]:

@@ -7,11 +7,12 @@ import json
 
 import aiohttp
 
-from .smtp import MailServer, free_port
+from .smtp import MailServer
 from .support import (
     FAST_HEALTH,
     backend_status,
     backends,
+    free_port,
     lb_status,
     spawn_balancer,
     until,

@@ -13,20 +13,21 @@ import asyncio
 import os
 import random
 import signal
-import socket
 
 import aiohttp
 
-from .support import Process, backend_status, client_session, lb_status, spawn, spawn_balancer
+from .support import (
+    Process,
+    backend_status,
+    client_session,
+    free_port,
+    lb_status,
+    spawn,
+    spawn_balancer,
+)
 
 SECONDS = float(os.environ.get("STICKYLB_CHAOS_SECONDS", "6"))
 DETECTION = 1.0  # seconds: passive detection is immediate, active checks run every 0.2 s
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Fleet:

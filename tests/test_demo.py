@@ -10,13 +10,7 @@ import socket
 import aiohttp
 import pytest
 
-from .support import ROOT, client_session, lb_status, spawn, until, wait_for_state
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from .support import ROOT, client_session, free_port, lb_status, spawn, until, wait_for_state
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

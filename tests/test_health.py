@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 
 import aiohttp
 
@@ -17,6 +16,7 @@ from .support import (
     backends,
     balancer,
     client_session,
+    free_port,
     health_probes,
     lb_status,
     spawn,
@@ -223,12 +223,6 @@ async def test_custom_callables_by_import_path_in_a_real_process(tmp_path):
         finally:
             assert proc.stop() == 0
         assert "the database is gone" not in proc.output  # exception texts stay out of logs
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def test_killed_backend_is_marked_down_by_live_traffic_and_clients_see_no_error(tmp_path):

@@ -10,7 +10,7 @@ import struct
 import aiohttp
 import pytest
 
-from .support import SEEN, backends, balancer, run_cli, spawn_balancer
+from .support import SEEN, backends, balancer, one_backend, run_cli, spawn_balancer
 
 SMUGGLING = {
     "cl-and-te": b"POST /echo?m=S HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
@@ -66,11 +66,7 @@ def statuses(answer: bytes) -> list[int]:
 @pytest.mark.parametrize("name", sorted(SMUGGLING))
 async def test_ambiguous_framing_is_refused_and_never_forwarded(name, caplog):
     async with backends("a") as servers:
-        config = {
-            "port": 0,
-            "backends": [{"id": "a", "url": servers[0].url}],
-            "health": {"enabled": False},
-        }
+        config = one_backend(servers[0], health={"enabled": False})
         async with balancer(config) as lb:
             follow = b"GET /echo?m=FOLLOW HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
             answer = await exchange(lb.url, SMUGGLING[name] + follow)
@@ -85,11 +81,7 @@ async def test_ambiguous_framing_is_refused_and_never_forwarded(name, caplog):
 
 async def test_absolute_form_target_goes_to_our_backend_with_its_path_only():
     async with backends("a") as servers:
-        config = {
-            "port": 0,
-            "backends": [{"id": "a", "url": servers[0].url}],
-            "health": {"enabled": False},
-        }
+        config = one_backend(servers[0], health={"enabled": False})
         async with balancer(config) as lb:
             raw = (
                 b"GET http://evil.test:9/echo?m=abs HTTP/1.1\r\nHost: evil.test\r\n"
@@ -104,11 +96,7 @@ async def test_absolute_form_target_goes_to_our_backend_with_its_path_only():
 
 async def test_junk_on_a_websocket_gets_a_clean_close(caplog):
     async with backends("a") as servers:
-        config = {
-            "port": 0,
-            "backends": [{"id": "a", "url": servers[0].url}],
-            "health": {"enabled": False},
-        }
+        config = one_backend(servers[0], health={"enabled": False})
         async with balancer(config) as lb:
             host, port = lb.url.removeprefix("http://").split(":")
             reader, writer = await asyncio.open_connection(host, int(port))
@@ -133,12 +121,9 @@ async def test_junk_on_a_websocket_gets_a_clean_close(caplog):
 
 async def test_admin_endpoints_need_an_allowed_address_or_the_token():
     async with backends("a") as servers:
-        config = {
-            "port": 0,
-            "backends": [{"id": "a", "url": servers[0].url}],
-            "health": {"interval": "60s"},
-            "admin": {"allow": ["10.0.0.0/8"], "token": "s3cret-admin-token"},
-        }
+        config = one_backend(
+            servers[0], admin={"allow": ["10.0.0.0/8"], "token": "s3cret-admin-token"}
+        )
         async with balancer(config) as lb, aiohttp.ClientSession() as client:
             async with client.get(lb.url + "/_lb/health") as resp:
                 assert resp.status == 404
@@ -154,12 +139,7 @@ async def test_admin_endpoints_need_an_allowed_address_or_the_token():
 
 async def test_admin_prefix_is_configurable_so_backend_paths_are_not_shadowed():
     async with backends("a") as servers:
-        config = {
-            "port": 0,
-            "backends": [{"id": "a", "url": servers[0].url}],
-            "health": {"interval": "60s"},
-            "admin": {"prefix": "/_stickylb"},
-        }
+        config = one_backend(servers[0], admin={"prefix": "/_stickylb"})
         async with balancer(config) as lb, aiohttp.ClientSession() as client:
             async with client.get(lb.url + "/_stickylb/health") as resp:
                 assert resp.status == 200

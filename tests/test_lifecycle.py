@@ -9,19 +9,12 @@ import time
 import aiohttp
 from aiohttp import WSMsgType
 
-from .support import backends, spawn_balancer
+from .support import backends, one_backend, spawn_balancer
 
 
 async def test_sigterm_lets_accepted_requests_finish_and_closes_websockets(tmp_path):
     async with backends("a") as servers:
-        proc = spawn_balancer(
-            {
-                "backends": [{"id": "a", "url": servers[0].url}],
-                "health": {"interval": "60s"},
-                "shutdownTimeout": "10s",
-            },
-            tmp_path,
-        )
+        proc = spawn_balancer(one_backend(servers[0], shutdownTimeout="10s"), tmp_path)
         async with aiohttp.ClientSession() as client:
             ws = await client.ws_connect(proc.url + "/ws")
             assert await ws.receive_str() == "hello from a"
@@ -48,14 +41,7 @@ async def test_sigterm_lets_accepted_requests_finish_and_closes_websockets(tmp_p
 
 async def test_requests_longer_than_the_shutdown_timeout_are_cut(tmp_path):
     async with backends("a") as servers:
-        proc = spawn_balancer(
-            {
-                "backends": [{"id": "a", "url": servers[0].url}],
-                "health": {"interval": "60s"},
-                "shutdownTimeout": "1s",
-            },
-            tmp_path,
-        )
+        proc = spawn_balancer(one_backend(servers[0], shutdownTimeout="1s"), tmp_path)
         async with aiohttp.ClientSession() as client:
             slow = asyncio.create_task(client.get(proc.url + "/slow?delay=20"))
             await asyncio.sleep(0.3)
@@ -72,14 +58,7 @@ async def test_requests_longer_than_the_shutdown_timeout_are_cut(tmp_path):
 
 async def test_a_second_signal_exits_at_once(tmp_path):
     async with backends("a") as servers:
-        proc = spawn_balancer(
-            {
-                "backends": [{"id": "a", "url": servers[0].url}],
-                "health": {"interval": "60s"},
-                "shutdownTimeout": "30s",
-            },
-            tmp_path,
-        )
+        proc = spawn_balancer(one_backend(servers[0], shutdownTimeout="30s"), tmp_path)
         async with aiohttp.ClientSession() as client:
             slow = asyncio.create_task(client.get(proc.url + "/slow?delay=20"))
             await asyncio.sleep(0.3)

@@ -11,19 +11,12 @@ from aiohttp import web
 from stickylb import build_config
 from stickylb.app import BALANCER_KEY
 
-from .support import backends, balancer, client_session
+from .support import backends, balancer, client_session, one_backend
 
 
 async def test_global_cap_queues_then_answers_503():
     async with backends("a") as servers:
-        config = {
-            "port": 0,
-            "backends": [{"id": "a", "url": servers[0].url}],
-            "health": {"interval": "60s"},
-            "maxConnections": 2,
-            "maxQueue": 1,
-            "queueTimeout": 400,
-        }
+        config = one_backend(servers[0], maxConnections=2, maxQueue=1, queueTimeout=400)
         async with balancer(config) as lb, aiohttp.ClientSession() as client:
             busy = [asyncio.create_task(client.get(lb.url + "/slow?delay=1.5")) for _ in range(2)]
             await asyncio.sleep(0.2)
@@ -43,13 +36,7 @@ async def test_global_cap_queues_then_answers_503():
 
 async def test_queued_request_is_served_when_a_slot_frees():
     async with backends("a") as servers:
-        config = {
-            "port": 0,
-            "backends": [{"id": "a", "url": servers[0].url}],
-            "health": {"interval": "60s"},
-            "maxConnections": 1,
-            "queueTimeout": "5s",
-        }
+        config = one_backend(servers[0], maxConnections=1, queueTimeout="5s")
         async with balancer(config) as lb, aiohttp.ClientSession() as client:
             busy = asyncio.create_task(client.get(lb.url + "/slow?delay=0.5"))
             await asyncio.sleep(0.1)
@@ -154,13 +141,7 @@ async def slowloris(url: str, stop: asyncio.Event) -> float:
 
 async def test_slowloris_clients_are_cut_and_do_not_block_others():
     async with backends("a") as servers:
-        config = {
-            "port": 0,
-            "backends": [{"id": "a", "url": servers[0].url}],
-            "health": {"interval": "60s"},
-            "timeouts": {"keepAlive": 1000},
-            "maxConnections": 5,
-        }
+        config = one_backend(servers[0], timeouts={"keepAlive": 1000}, maxConnections=5)
         async with balancer(config) as lb:
             stop = asyncio.Event()
             attackers = [asyncio.create_task(slowloris(lb.url, stop)) for _ in range(50)]
@@ -179,14 +160,7 @@ async def test_slowloris_clients_are_cut_and_do_not_block_others():
 
 async def test_flood_beyond_max_connections_still_serves_a_patient_client():
     async with backends("a") as servers:
-        config = {
-            "port": 0,
-            "backends": [{"id": "a", "url": servers[0].url}],
-            "health": {"interval": "60s"},
-            "maxConnections": 4,
-            "maxQueue": 64,
-            "queueTimeout": "5s",
-        }
+        config = one_backend(servers[0], maxConnections=4, maxQueue=64, queueTimeout="5s")
         async with balancer(config) as lb:
             stop = asyncio.Event()
             outcomes: list[int] = []
@@ -214,8 +188,7 @@ async def test_flood_beyond_max_connections_still_serves_a_patient_client():
 
 async def test_request_body_over_the_limit_gets_413():
     async with backends("a") as servers:
-        config = {"port": 0, "backends": [{"id": "a", "url": servers[0].url}],
-                  "health": {"interval": "60s"}, "limits": {"maxBodySize": "64KiB"}}
+        config = one_backend(servers[0], limits={"maxBodySize": "64KiB"})
         async with balancer(config) as lb, aiohttp.ClientSession() as client:
             async with client.post(lb.url + "/upload", data=b"x" * 70_000) as resp:
                 assert resp.status == 413  # declared by Content-Length: refused up front

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import socket
 
 import aiohttp
 import pytest
@@ -19,6 +18,8 @@ from .support import (
     backends_config,
     balancer,
     client_session,
+    free_port,
+    until,
     wait_for_state,
 )
 
@@ -280,12 +281,6 @@ async def test_no_backend_available_gives_json_503():
                 assert await resp.json() == {"error": "No healthy backends available."}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def test_refused_backend_gives_502_and_retries_are_bounded():
     dead = f"http://127.0.0.1:{free_port()}"
     config = {"port": 0, "backends": [{"id": "dead", "url": dead}], "health": {"enabled": False}}
@@ -348,11 +343,7 @@ async def test_client_abort_mid_download_releases_the_backend():
             await resp.content.read(1 << 20)
             assert pool.backends[0].active == 1
             resp.close()
-        for _ in range(100):
-            if pool.backends[0].active == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert pool.backends[0].active == 0
+        await until(lambda: pool.backends[0].active == 0, limit=5)
 
 
 async def test_admin_paths_are_never_proxied():

@@ -7,7 +7,7 @@ import hashlib
 
 import aiohttp
 
-from .support import backends, spawn_balancer
+from .support import backends, one_backend, spawn_balancer
 
 SIZE = 100 * 1024 * 1024
 MAX_GROWTH_KIB = 30 * 1024  # the whole 100 MiB would be 102400 KiB
@@ -25,10 +25,7 @@ async def body(size: int, digest: hashlib._Hash):
 
 async def test_100_mib_upload_and_download_with_bounded_proxy_memory(tmp_path):
     async with backends("a") as servers:
-        proc = spawn_balancer(
-            {"backends": [{"id": "a", "url": servers[0].url}], "health": {"interval": "60s"}},
-            tmp_path,
-        )
+        proc = spawn_balancer(one_backend(servers[0]), tmp_path)
         try:
             async with aiohttp.ClientSession() as client:
                 async with client.get(proc.url + "/") as resp:  # warm up
@@ -67,10 +64,7 @@ async def test_100_mib_upload_and_download_with_bounded_proxy_memory(tmp_path):
 
 async def test_slow_reader_does_not_make_the_proxy_buffer(tmp_path):
     async with backends("a") as servers:
-        proc = spawn_balancer(
-            {"backends": [{"id": "a", "url": servers[0].url}], "health": {"interval": "60s"}},
-            tmp_path,
-        )
+        proc = spawn_balancer(one_backend(servers[0]), tmp_path)
         try:
             async with aiohttp.ClientSession() as client:
                 async with client.get(proc.url + "/") as resp:

@@ -10,7 +10,7 @@ from aiohttp import WSMsgType, web
 
 from stickylb.app import BALANCER_KEY
 
-from .support import backends, backends_config, balancer, client_session, start_app
+from .support import backends, backends_config, balancer, client_session, start_app, until
 
 QUIET_HEALTH = {"interval": "60s"}
 
@@ -69,11 +69,7 @@ async def test_backend_close_code_and_reason_reach_the_client():
                 assert msg.data == 4001
                 assert msg.extra == "custom reason"
         pool = lb.app[BALANCER_KEY].pool
-        for _ in range(50):
-            if pool.backends[0].active == 0:
-                break
-            await asyncio.sleep(0.02)
-        assert pool.backends[0].active == 0
+        await until(lambda: pool.backends[0].active == 0, limit=5)
 
 
 async def test_client_close_code_reaches_the_backend():
@@ -82,10 +78,7 @@ async def test_client_close_code_reaches_the_backend():
             ws = await client.ws_connect(lb.url + "/ws")
             await ws.receive_str()
             await ws.close(code=4321, message=b"bye")
-        for _ in range(100):
-            if servers[0].knobs.ws_close_code is not None:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: servers[0].knobs.ws_close_code is not None, limit=5)
         assert servers[0].knobs.ws_close_code == 4321
 
 
