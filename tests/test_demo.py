@@ -27,6 +27,7 @@ async def test_demo_serves_pinned_traffic_to_three_backends_and_stops_cleanly(tm
                         info = await resp.json()
                         seen.add(info["name"])
                 assert len(seen) == 1 and info["visits"] == 4
+                assert info["port"] > 0
                 names |= seen
         assert names == {"backend-1", "backend-2", "backend-3"}
         status = await lb_status(url)
@@ -149,9 +150,7 @@ async def test_embedding_example_mounts_the_balancer_with_a_python_check():
 
     from .support import start_app
 
-    servers = [
-        await start_app(make_backend(name, 0), handle_signals=False) for name in ("one", "two")
-    ]
+    servers = [await start_app(make_backend(name), handle_signals=False) for name in ("one", "two")]
     lb = await start_app(
         make_app(ports=tuple(s.port for s in servers), port=0),
         handler_cancellation=True,

@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _start_backend(name: str, host: str, port: int) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(make_app(name, port), handle_signals=False, access_log=None)
+    runner = web.AppRunner(make_app(name), handle_signals=False, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

@@ -36,13 +36,18 @@ CLIENT_COOKIE = "demo_client"
 @dataclass
 class Instance:
     name: str
-    port: int
     healthy: bool = True
     visits: dict[str, int] = field(default_factory=dict)
     room: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
 
 
 INSTANCE = web.AppKey("instance", Instance)
+
+
+def _local_port(request: web.Request) -> int:
+    """The port this request arrived on (right even when the instance was bound to port 0)."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    return int(sockname[1]) if sockname else 0
 
 
 def _client_id(request: web.Request) -> tuple[str, bool]:
@@ -58,7 +63,7 @@ def _count_visit(request: web.Request) -> tuple[dict[str, object], str | None]:
     instance.visits[client] = instance.visits.get(client, 0) + 1
     info = {
         "name": instance.name,
-        "port": instance.port,
+        "port": _local_port(request),
         "client": client,
         "visits": instance.visits[client],
     }
@@ -126,7 +131,12 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     instance.room.add(ws)
     await ws.send_json(
-        {"type": "hello", "name": instance.name, "port": instance.port, "room": len(instance.room)}
+        {
+            "type": "hello",
+            "name": instance.name,
+            "port": _local_port(request),
+            "room": len(instance.room),
+        }
     )
     async for message in ws:
         if message.type == WSMsgType.TEXT:
@@ -153,9 +163,9 @@ async def recover(request: web.Request) -> web.Response:
     return web.json_response({"name": request.app[INSTANCE].name, "healthy": True})
 
 
-def make_app(name: str, port: int) -> web.Application:
+def make_app(name: str) -> web.Application:
     app = web.Application(middlewares=[failing_mode])
-    app[INSTANCE] = Instance(name=name, port=port)
+    app[INSTANCE] = Instance(name=name)
     app.router.add_get("/", index)
     app.router.add_get("/whoami", whoami)
     app.router.add_get("/health", health)
@@ -175,7 +185,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     print(f"{args.name} listening on http://{args.host}:{args.port}", flush=True)
-    web.run_app(make_app(args.name, args.port), host=args.host, port=args.port, print=None)
+    web.run_app(make_app(args.name), host=args.host, port=args.port, print=None)
 
 
 if __name__ == "__main__":
