@@ -103,8 +103,12 @@ async def test_failover_and_recovery_through_the_example_admin_endpoints(tmp_pat
         async with client_session() as client:
             async with client.get(url + "/whoami") as resp:
                 first = (await resp.json())["name"]
+            ws = await client.ws_connect(url + "/ws")
+            assert (await ws.receive_json())["name"] == first
             async with client.post(url + "/admin/fail") as resp:  # reaches the pinned backend
                 assert (await resp.json())["name"] == first
+            closing = await ws.receive(timeout=5)  # a failing instance drops its WebSockets
+            assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == 1001
             await wait_for_state(url, first, healthy=False)
             async with client.get(url + "/whoami") as resp:
                 info = await resp.json()
@@ -112,6 +116,8 @@ async def test_failover_and_recovery_through_the_example_admin_endpoints(tmp_pat
                 assert "X-Backend-ID=" in resp.headers.get("Set-Cookie", "")
             async with client.get(url + "/whoami") as resp:
                 assert (await resp.json())["name"] == info["name"]
+            async with client.ws_connect(url + "/ws") as ws:  # the reconnect follows the cookie
+                assert (await ws.receive_json())["name"] == info["name"]
         async with aiohttp.ClientSession() as direct_client:
             async with direct_client.post(direct[first] + "/admin/recover") as resp:
                 assert resp.status == 200

@@ -12,7 +12,7 @@ counter per client, its own WebSocket chat room, and can be made unhealthy at ru
   GET  /ready          like /health, for readiness-style checks
   GET  /events         server-sent events: a tick every second from this instance
   GET  /ws             WebSocket: echoes, and "/all <text>" broadcasts to this instance's room
-  POST /admin/fail     make this instance report unhealthy (and answer 503 everywhere)
+  POST /admin/fail     make this instance report unhealthy, answer 503, drop its WebSockets
   POST /admin/recover  make it healthy again
 """
 
@@ -154,8 +154,12 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 
 
 async def fail(request: web.Request) -> web.Response:
-    request.app[INSTANCE].healthy = False
-    return web.json_response({"name": request.app[INSTANCE].name, "healthy": False})
+    instance = request.app[INSTANCE]
+    instance.healthy = False
+    # A failing instance drops its WebSockets too, so clients reconnect (and land elsewhere).
+    for peer in list(instance.room):
+        await peer.close(code=1001, message=b"instance failing")
+    return web.json_response({"name": instance.name, "healthy": False})
 
 
 async def recover(request: web.Request) -> web.Response:
