@@ -169,8 +169,9 @@ class HttpProxy:
         """The sticky or balanced backend; waits in the queue while the right ones are full."""
         token = self._cookie.read(request.headers.get(hdrs.COOKIE)) if self._sticky else None
         pinned = self._pool.pinned(token)
-        if pinned is not None and pinned.healthy and pinned.full:
-            # Keep the client's session: wait for a slot on its own backend.
+        if pinned is not None and pinned.healthy and pinned.full and pinned.config.max_connections:
+            # Keep the client's session: wait for a slot on its own backend (maxConnections 0
+            # means out of service, so those clients are re-balanced instead).
             if await self._admission.wait_until(lambda: pinned.available, pinned.key):
                 return Choice(pinned, repinned=False)
             return None

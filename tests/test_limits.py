@@ -202,3 +202,26 @@ async def test_request_body_over_the_limit_gets_413():
             async with client.post(lb.url + "/upload", data=b"z" * 60_000) as resp:
                 assert resp.status == 200
                 assert (await resp.json())["size"] == 60_000
+
+
+async def test_max_connections_zero_takes_a_backend_out_of_service():
+    async with backends("a", "b") as (a, b):
+        config = {
+            "port": 0,
+            "health": {"interval": "60s"},
+            "queueTimeout": "5s",
+            "backends": [{"id": "a", "url": a.url, "maxConnections": 0}, {"id": "b", "url": b.url}],
+        }
+        async with balancer(config) as lb:
+            token = lb.app[BALANCER_KEY].pool.backends[0].token
+            async with aiohttp.ClientSession() as client:
+                started = time.monotonic()
+                async with client.get(
+                    lb.url + "/", headers={"Cookie": f"X-Backend-ID={token}"}
+                ) as r:
+                    assert await r.text() == "b"  # re-balanced at once, not queued
+                    assert "Set-Cookie" in r.headers
+                assert time.monotonic() - started < 1
+                for _ in range(4):
+                    async with client.get(lb.url + "/") as resp:
+                        assert await resp.text() == "b"
