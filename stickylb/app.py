@@ -22,7 +22,7 @@ from .config import Config, build_config
 from .health import HealthChecker
 from .pool import Pool
 from .protocol_log import PROTOCOL_LOGGER
-from .proxy import SKIP_AUTO_HEADERS, HttpProxy
+from .proxy import SKIP_AUTO_HEADERS, Forwarding, HttpProxy
 from .websocket import WebSocketRelay
 
 
@@ -36,9 +36,10 @@ class Balancer:
         self._session: aiohttp.ClientSession | None = None
         self.admission = Admission(config.max_connections, config.max_queue, config.queue_timeout)
         self.pool.on_release = self.admission.wake
-        self.websockets = WebSocketRelay(config, self.pool, self.cookie, self.session)
+        forwarding = Forwarding(config, self.cookie)
+        self.websockets = WebSocketRelay(config, self.pool, forwarding, self.session)
         self.proxy = HttpProxy(
-            config, self.pool, self.cookie, self.session, self.websockets, self.admission
+            config, self.pool, forwarding, self.session, self.websockets, self.admission
         )
         self.admin = AdminEndpoints(config, self.pool)
         self.checker = HealthChecker(config, self.pool)

@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web
+from multidict import CIMultiDict
 from yarl import URL
 
 from .admission import Admission
@@ -51,6 +52,41 @@ BACKEND_ID_HEADER = "x-backend-id"
 # chunked or open-ended is streamed chunk by chunk. Bounded, so memory stays bounded.
 SMALL_BODY = 64 * 1024
 _BODILESS_STATUSES = frozenset({204, 304})
+
+
+class Forwarding:
+    """What both relays (HTTP and WebSocket) do around a request: read the pin, build the
+    upstream headers, and mark the answer with the pin and the backend's id."""
+
+    def __init__(self, config: Config, cookie: StickyCookie) -> None:
+        self._cookie = cookie
+        self._sticky = config.sticky
+        self._backend_header = config.backend_header
+        self._preserve_host = config.preserve_host
+        self._trusted = parse_networks(config.trusted_proxies)
+
+    def token(self, request: web.Request) -> str | None:
+        return self._cookie.read(request.headers.get(hdrs.COOKIE)) if self._sticky else None
+
+    def upstream_headers(
+        self, request: web.Request, backend: Backend, drop: frozenset[str]
+    ) -> CIMultiDict[str]:
+        return upstream_headers(
+            request.headers,
+            peer=request.remote,
+            scheme=request.scheme,
+            backend_host=backend.host_header,
+            preserve_host=self._preserve_host,
+            trusted_proxies=self._trusted,
+            drop=drop,
+        )
+
+    def mark(self, headers: CIMultiDict[str], choice: Choice) -> None:
+        """Add our Set-Cookie (when the client is newly pinned) and ``x-backend-id``."""
+        if choice.repinned and self._sticky:
+            headers.add(hdrs.SET_COOKIE, self._cookie.set_cookie_header(choice.backend.token))
+        if self._backend_header:
+            headers[BACKEND_ID_HEADER] = str(choice.backend.id)
 
 
 def error_response(error: StickyLBError) -> web.Response:
@@ -139,21 +175,17 @@ class HttpProxy:
         self,
         config: Config,
         pool: Pool,
-        cookie: StickyCookie,
+        forwarding: Forwarding,
         session: Callable[[], aiohttp.ClientSession],
         websocket_relay: Callable[[web.Request, Choice], Any],
         admission: Admission,
     ) -> None:
         self._pool = pool
+        self._forwarding = forwarding
         self._admission = admission
         self.unavailable = Unavailable(config.unavailable)
-        self._cookie = cookie
         self._session = session
         self._relay_websocket = websocket_relay
-        self._sticky = config.sticky
-        self._backend_header = config.backend_header
-        self._preserve_host = config.preserve_host
-        self._trusted = parse_networks(config.trusted_proxies)
         self._retries = config.retries
         self._max_body = config.limits.max_body_size
         self._connect_timeout = config.timeouts.connect
@@ -167,7 +199,7 @@ class HttpProxy:
 
     async def choose(self, request: web.Request) -> Choice | None:
         """The sticky or balanced backend; waits in the queue while the right ones are full."""
-        token = self._cookie.read(request.headers.get(hdrs.COOKIE)) if self._sticky else None
+        token = self._forwarding.token(request)
         pinned = self._pool.pinned(token)
         if pinned is not None and pinned.healthy and pinned.full and pinned.config.max_connections:
             # Keep the client's session: wait for a slot on its own backend (maxConnections 0
@@ -257,15 +289,7 @@ class HttpProxy:
     async def _send(
         self, request: web.Request, backend: Backend, target: str, body: RequestBody
     ) -> aiohttp.ClientResponse:
-        headers = upstream_headers(
-            request.headers,
-            peer=request.remote,
-            scheme=request.scheme,
-            backend_host=backend.host_header,
-            preserve_host=self._preserve_host,
-            trusted_proxies=self._trusted,
-            drop=DROP_REQUEST_HEADERS,
-        )
+        headers = self._forwarding.upstream_headers(request, backend, DROP_REQUEST_HEADERS)
         try:
             return await self._session().request(
                 request.method,
@@ -282,10 +306,7 @@ class HttpProxy:
         self, request: web.Request, upstream: aiohttp.ClientResponse, choice: Choice
     ) -> web.StreamResponse:
         headers = downstream_headers(upstream.headers)
-        if choice.repinned and self._sticky:
-            headers.add(hdrs.SET_COOKIE, self._cookie.set_cookie_header(choice.backend.token))
-        if self._backend_header:
-            headers[BACKEND_ID_HEADER] = str(choice.backend.id)
+        self._forwarding.mark(headers, choice)
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )

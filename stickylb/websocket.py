@@ -20,21 +20,18 @@ from collections.abc import Callable
 from contextlib import suppress
 
 import aiohttp
-from aiohttp import WSCloseCode, WSMsgType, hdrs, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from yarl import URL
 
-from .affinity import StickyCookie
 from .config import Config
 from .errors import UpstreamError
 from .headers import (
     WEBSOCKET_HANDSHAKE_HEADERS,
     offered_subprotocols,
     origin_form,
-    parse_networks,
-    upstream_headers,
 )
 from .pool import Backend, Choice, Pool
-from .proxy import BACKEND_ID_HEADER, describe_client_error, error_response
+from .proxy import Forwarding, describe_client_error, error_response
 
 log = logging.getLogger("stickylb.websocket")
 
@@ -48,16 +45,12 @@ class WebSocketRelay:
         self,
         config: Config,
         pool: Pool,
-        cookie: StickyCookie,
+        forwarding: Forwarding,
         session: Callable[[], aiohttp.ClientSession],
     ) -> None:
         self._pool = pool
-        self._cookie = cookie
+        self._forwarding = forwarding
         self._session = session
-        self._sticky = config.sticky
-        self._backend_header = config.backend_header
-        self._preserve_host = config.preserve_host
-        self._trusted = parse_networks(config.trusted_proxies)
         self._retries = config.retries
         self._max_message = config.websocket.max_message_size
         self._idle = config.timeouts.websocket_idle or None
@@ -96,15 +89,7 @@ class WebSocketRelay:
     async def _connect(
         self, request: web.Request, backend: Backend
     ) -> aiohttp.ClientWebSocketResponse:
-        headers = upstream_headers(
-            request.headers,
-            peer=request.remote,
-            scheme=request.scheme,
-            backend_host=backend.host_header,
-            preserve_host=self._preserve_host,
-            trusted_proxies=self._trusted,
-            drop=WEBSOCKET_HANDSHAKE_HEADERS,
-        )
+        headers = self._forwarding.upstream_headers(request, backend, WEBSOCKET_HANDSHAKE_HEADERS)
         try:
             async with asyncio.timeout(self._connect_timeout * 2):
                 return await self._session().ws_connect(
@@ -131,12 +116,7 @@ class WebSocketRelay:
             autoping=False,
             max_msg_size=self._max_message,
         )
-        if choice.repinned and self._sticky:
-            client.headers.add(
-                hdrs.SET_COOKIE, self._cookie.set_cookie_header(choice.backend.token)
-            )
-        if self._backend_header:
-            client.headers[BACKEND_ID_HEADER] = str(choice.backend.id)
+        self._forwarding.mark(client.headers, choice)
         pair = (client, upstream)
         pumps: list[asyncio.Task[None]] = []
         try:
