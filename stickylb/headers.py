@@ -107,12 +107,6 @@ def downstream_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     )
 
 
-def is_websocket_upgrade(headers: Mapping[str, str]) -> bool:
-    return headers.get("Upgrade", "").lower() == "websocket" and "upgrade" in (
-        headers.get("Connection", "").lower()
-    )
-
-
 def offered_subprotocols(headers: CIMultiDictProxy[str]) -> tuple[str, ...]:
     return tuple(
         token.strip()
