@@ -2,8 +2,9 @@
 
 ``build_app(config)`` gives a ready ``web.Application``; ``install(app, config)`` adds the
 balancer to an application you already have (its routes catch every path not routed before).
-Resources that live as long as the app (the pooled client session, the health checker, the
-mail queue) are opened and closed in one ``cleanup_ctx``; there is no module-level session.
+Resources that live as long as the app (the upstream connection pools, the WebSocket client
+session, the health checker, the mail queue) are opened and closed in one ``cleanup_ctx``;
+nothing is module-level.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .health import HealthChecker
 from .pool import Pool
 from .protocol_log import PROTOCOL_LOGGER
 from .proxy import SKIP_AUTO_HEADERS, Forwarding, HttpProxy
+from .upstream import Upstream, UpstreamSettings
 from .websocket import WebSocketRelay
 
 
@@ -34,12 +36,13 @@ class Balancer:
         self.pool = Pool.from_config(config)
         self.cookie = StickyCookie(config.cookie)
         self._session: aiohttp.ClientSession | None = None
+        self._upstream: Upstream | None = None
         self.admission = Admission(config.max_connections, config.max_queue, config.queue_timeout)
         self.pool.on_release = self.admission.wake
         forwarding = Forwarding(config, self.cookie)
         self.websockets = WebSocketRelay(config, self.pool, forwarding, self.session)
         self.proxy = HttpProxy(
-            config, self.pool, forwarding, self.session, self.websockets, self.admission
+            config, self.pool, forwarding, self.upstream, self.websockets, self.admission
         )
         self.admin = AdminEndpoints(config, self.pool)
         self.checker = HealthChecker(config, self.pool)
@@ -50,7 +53,24 @@ class Balancer:
             raise RuntimeError("the balancer is not running (its app has not started)")
         return self._session
 
+    def upstream(self) -> Upstream:
+        if self._upstream is None:
+            raise RuntimeError("the balancer is not running (its app has not started)")
+        return self._upstream
+
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        limits = self.config.limits
+        self._upstream = Upstream(
+            self.pool.backends,
+            UpstreamSettings(
+                connect_timeout=self.config.timeouts.connect,
+                read_timeout=self.config.timeouts.read or None,
+                max_line_size=max(limits.max_header_size * 2, 8190),
+                max_field_size=limits.max_header_size * 2,
+                max_headers=max(limits.max_headers * 2, 128),
+                keep_alive=self.config.timeouts.backend_keep_alive,
+            ),
+        )
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=False),
             cookie_jar=aiohttp.DummyCookieJar(),  # one user's cookies never reach another
@@ -70,6 +90,8 @@ class Balancer:
                 await self.alerts.stop()
             await self._session.close()
             self._session = None
+            self._upstream.close()
+            self._upstream = None
 
     async def on_shutdown(self, app: web.Application) -> None:
         await self.websockets.close_all()

@@ -54,6 +54,8 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 60.0
 DEFAULT_WEBSOCKET_IDLE_TIMEOUT = 3600.0
 DEFAULT_KEEPALIVE_TIMEOUT = 15.0
+# Below Node's 5 s server default, so a backend rarely closes a kept connection as we reuse it.
+DEFAULT_BACKEND_KEEPALIVE = 4.0
 DEFAULT_QUEUE_TIMEOUT = 5.0
 DEFAULT_MAX_QUEUE = 1024
 DEFAULT_WS_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
@@ -185,6 +187,7 @@ class TimeoutsConfig(_Model):
     read: Duration = DEFAULT_READ_TIMEOUT
     websocket_idle: Duration = DEFAULT_WEBSOCKET_IDLE_TIMEOUT
     keep_alive: Duration = DEFAULT_KEEPALIVE_TIMEOUT
+    backend_keep_alive: Duration = DEFAULT_BACKEND_KEEPALIVE
 
 
 class LimitsConfig(_Model):

@@ -26,7 +26,7 @@ import aiohttp
 from .config import Config, HealthCallable, HealthSettings
 from .durations import format_ms
 from .pool import Backend, Pool
-from .proxy import describe_client_error
+from .upstream import describe_client_error
 
 log = logging.getLogger("stickylb.health")
 

@@ -14,7 +14,6 @@ truncation is visible instead of looking like a complete answer.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -22,36 +21,31 @@ from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
-from yarl import URL
 
 from .admission import Admission
 from .affinity import StickyCookie
 from .config import Config, UnavailableConfig
-from .durations import format_ms
 from .errors import (
     NoBackendAvailable,
     RequestTooLarge,
     StickyLBError,
-    UpstreamConnectError,
     UpstreamError,
     UpstreamTimeout,
 )
 from .headers import downstream_headers, origin_form, parse_networks, upstream_headers
 from .pool import Backend, Choice, Pool
+from .upstream import IDEMPOTENT_METHODS, Upstream, UpstreamResponse, describe_client_error
 
 log = logging.getLogger("stickylb.proxy")
 
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-# aiohttp's client would add these on its own; the client's own values (or absence) must win.
+# aiohttp's WebSocket client would add these on its own; the client's values (or absence) win.
 SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept-Encoding", "Content-Type"})
 # aiohttp's server has already answered "100 Continue" to the client by the time we forward.
 DROP_REQUEST_HEADERS = frozenset({"expect"})
 BACKEND_ID_HEADER = "x-backend-id"
-# A length-delimited answer up to this size is read whole and sent in one write; anything larger,
-# chunked or open-ended is streamed chunk by chunk. Bounded, so memory stays bounded.
-SMALL_BODY = 64 * 1024
-_BODILESS_STATUSES = frozenset({204, 304})
+NO_BODY = frozenset({204, 304})  # statuses whose answers never carry a body
 
 
 class Forwarding:
@@ -148,26 +142,6 @@ class RequestBody:
             yield chunk
 
 
-def describe_client_error(
-    exc: BaseException, connect_timeout: float, read_timeout: float
-) -> UpstreamError:
-    """Map an aiohttp client exception to our tree, with a short secret-free reason."""
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamConnectError(f"connect timeout after {format_ms(connect_timeout)} ms")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        errno_name = {111: "connect refused", 113: "no route to host", 101: "network unreachable"}
-        return UpstreamConnectError(errno_name.get(exc.os_error.errno or 0, "connect failed"))
-    if isinstance(exc, asyncio.TimeoutError):
-        return UpstreamTimeout(f"timeout after {format_ms(read_timeout)} ms", request_sent=True)
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return UpstreamError("backend closed the connection", request_sent=True)
-    if isinstance(exc, aiohttp.ClientOSError):
-        return UpstreamError("connection reset", request_sent=True)
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return UpstreamError("invalid HTTP response", request_sent=True)
-    return UpstreamError(type(exc).__name__, request_sent=True)
-
-
 class HttpProxy:
     """Forwards plain HTTP requests; hands WebSocket upgrades to ``websocket_relay``."""
 
@@ -176,7 +150,7 @@ class HttpProxy:
         config: Config,
         pool: Pool,
         forwarding: Forwarding,
-        session: Callable[[], aiohttp.ClientSession],
+        upstream: Callable[[], Upstream],
         websocket_relay: Callable[[web.Request, Choice], Any],
         admission: Admission,
     ) -> None:
@@ -184,18 +158,12 @@ class HttpProxy:
         self._forwarding = forwarding
         self._admission = admission
         self.unavailable = Unavailable(config.unavailable)
-        self._session = session
+        self._upstream = upstream
         self._relay_websocket = websocket_relay
         self._retries = config.retries
         self._max_body = config.limits.max_body_size
         self._connect_timeout = config.timeouts.connect
         self._read_timeout = config.timeouts.read
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=None,
-            sock_connect=config.timeouts.connect,
-            sock_read=config.timeouts.read or None,
-        )
 
     async def choose(self, request: web.Request) -> Choice | None:
         """The sticky or balanced backend; waits in the queue while the right ones are full."""
@@ -288,35 +256,33 @@ class HttpProxy:
 
     async def _send(
         self, request: web.Request, backend: Backend, target: str, body: RequestBody
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         headers = self._forwarding.upstream_headers(request, backend, DROP_REQUEST_HEADERS)
-        try:
-            return await self._session().request(
-                request.method,
-                URL(backend.base + target, encoded=True),
-                headers=headers,
-                data=body.chunks() if body.present else None,
-                allow_redirects=False,
-                timeout=self._timeout,
-            )
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise describe_client_error(exc, self._connect_timeout, self._read_timeout) from None
+        chunks = body.chunks() if body.present else None
+        return await self._upstream().request(backend, request.method, target, headers, chunks)
 
     async def _relay_response(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, choice: Choice
+        self, request: web.Request, upstream: UpstreamResponse, choice: Choice
     ) -> web.StreamResponse:
         headers = downstream_headers(upstream.headers)
         self._forwarding.mark(headers, choice)
+        reader = upstream.content
+        if reader.is_eof() and request.method != "HEAD" and upstream.status not in NO_BODY:
+            # The whole body came with the head (typical for small answers): one write, head
+            # and body together, instead of one for the head and one per chunk.
+            body = reader.read_nowait()
+            return web.Response(
+                status=upstream.status, reason=upstream.reason, headers=headers, body=body
+            )
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )
         try:
             await response.prepare(request)
-            reader = upstream.content
             while True:
                 try:
                     chunk = await reader.readany()
-                except (TimeoutError, aiohttp.ClientError) as exc:
+                except (TimeoutError, aiohttp.ClientError, HttpProcessingError, OSError) as exc:
                     reason = describe_client_error(exc, self._connect_timeout, self._read_timeout)
                     log.warning(
                         "%s %s: backend %s failed mid-response: %s",

@@ -31,7 +31,8 @@ from .headers import (
     origin_form,
 )
 from .pool import Backend, Choice, Pool
-from .proxy import Forwarding, describe_client_error, error_response
+from .proxy import Forwarding, error_response
+from .upstream import describe_client_error
 
 log = logging.getLogger("stickylb.websocket")
 
