@@ -2,8 +2,8 @@
 
 ``build_app(config)`` gives a ready ``web.Application``; ``install(app, config)`` adds the
 balancer to an application you already have (its routes catch every path not routed before).
-Resources that live as long as the app (the upstream connection pools, the WebSocket client
-session, the health checker, the mail queue) are opened and closed in one ``cleanup_ctx``;
+Resources that live as long as the app (the upstream connection pools, the health checker,
+the mail queue) are opened and closed in one ``cleanup_ctx``;
 nothing is module-level.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from .admin import AdminEndpoints
@@ -23,7 +22,7 @@ from .config import Config, build_config
 from .health import HealthChecker
 from .pool import Pool
 from .protocol_log import PROTOCOL_LOGGER
-from .proxy import SKIP_AUTO_HEADERS, Forwarding, HttpProxy
+from .proxy import Forwarding, HttpProxy
 from .upstream import Upstream, UpstreamSettings
 from .websocket import WebSocketRelay
 
@@ -35,23 +34,17 @@ class Balancer:
         self.config = config
         self.pool = Pool.from_config(config)
         self.cookie = StickyCookie(config.cookie)
-        self._session: aiohttp.ClientSession | None = None
         self._upstream: Upstream | None = None
         self.admission = Admission(config.max_connections, config.max_queue, config.queue_timeout)
         self.pool.on_release = self.admission.wake
         forwarding = Forwarding(config, self.cookie)
-        self.websockets = WebSocketRelay(config, self.pool, forwarding, self.session)
+        self.websockets = WebSocketRelay(config, self.pool, forwarding, self.upstream)
         self.proxy = HttpProxy(
             config, self.pool, forwarding, self.upstream, self.websockets, self.admission
         )
         self.admin = AdminEndpoints(config, self.pool)
         self.checker = HealthChecker(config, self.pool)
         self.alerts = AlertMailer(config, self.pool) if config.email and send_alerts else None
-
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError("the balancer is not running (its app has not started)")
-        return self._session
 
     def upstream(self) -> Upstream:
         if self._upstream is None:
@@ -71,14 +64,6 @@ class Balancer:
                 keep_alive=self.config.timeouts.backend_keep_alive,
             ),
         )
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=False),
-            cookie_jar=aiohttp.DummyCookieJar(),  # one user's cookies never reach another
-            auto_decompress=False,
-            skip_auto_headers=SKIP_AUTO_HEADERS,  # the client's own headers (or none) pass as sent
-            trust_env=False,
-            max_field_size=self.config.limits.max_header_size * 2,
-        )
         if self.alerts is not None:
             await self.alerts.start()
         await self.checker.start()
@@ -88,8 +73,6 @@ class Balancer:
             await self.checker.stop()
             if self.alerts is not None:
                 await self.alerts.stop()
-            await self._session.close()
-            self._session = None
             self._upstream.close()
             self._upstream = None
 

@@ -28,17 +28,6 @@ HOP_BY_HOP_HEADERS = frozenset(
     }
 )
 
-# Set by aiohttp's WebSocket client for the upstream handshake; the client's own are dropped.
-WEBSOCKET_HANDSHAKE_HEADERS = frozenset(
-    {
-        "sec-websocket-key",
-        "sec-websocket-version",
-        "sec-websocket-extensions",
-        "sec-websocket-protocol",
-        "sec-websocket-accept",
-    }
-)
-
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -104,15 +93,6 @@ def downstream_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     skip = _connection_scoped(incoming)
     return CIMultiDict(
         (name, value) for name, value in incoming.items() if name.lower() not in skip
-    )
-
-
-def offered_subprotocols(headers: CIMultiDictProxy[str]) -> tuple[str, ...]:
-    return tuple(
-        token.strip()
-        for value in headers.getall("Sec-WebSocket-Protocol", ())
-        for token in value.split(",")
-        if token.strip()
     )
 
 

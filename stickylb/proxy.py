@@ -40,8 +40,6 @@ from .upstream import IDEMPOTENT_METHODS, Upstream, UpstreamResponse, describe_c
 
 log = logging.getLogger("stickylb.proxy")
 
-# aiohttp's WebSocket client would add these on its own; the client's values (or absence) win.
-SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept-Encoding", "Content-Type"})
 # aiohttp's server has already answered "100 Continue" to the client by the time we forward.
 DROP_REQUEST_HEADERS = frozenset({"expect"})
 BACKEND_ID_HEADER = "x-backend-id"

@@ -114,6 +114,10 @@ class UpstreamResponse:
         else:
             self.close()
 
+    def detach(self) -> ResponseHandler:
+        """Take the connection over (after a 101); it is then the caller's to close."""
+        return self._protocol
+
     def close(self) -> None:
         if self._writer is not None and not self._writer.done():
             self._writer.cancel()

@@ -170,6 +170,11 @@ def backend_app(name: str) -> web.Application:
                     _, code, reason = msg.data.split(":", 2)
                     await sock.close(code=int(code), message=reason.encode())
                     break
+                if msg.data.startswith("flood:"):  # that many 64 KiB binary messages
+                    block = bytes(range(256)) * 256
+                    for _ in range(int(msg.data.split(":", 1)[1])):
+                        await sock.send_bytes(block)
+                    continue
                 await sock.send_str(f"{name}:{msg.data}")
             elif msg.type == aiohttp.WSMsgType.BINARY:
                 await sock.send_bytes(msg.data[::-1])

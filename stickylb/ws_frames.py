@@ -1,0 +1,96 @@
+"""WebSocket framing, only as much as a relay that passes frames through untouched needs (pure).
+
+``FrameTracker`` follows frame boundaries in one direction's byte stream (RFC 6455 5.2) to add
+up each message's size and to know whether the stream sits between frames, which is the only
+place a relay may put a frame of its own (a close). Payloads are skipped, never read or copied.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+_CONTROL = 0x8  # opcodes 8-15 are control frames; they never belong to a message
+
+
+class FrameTracker:
+    """Frame boundaries and message sizes in one direction of a WebSocket.
+
+    >>> tracker = FrameTracker(limit=10)
+    >>> tracker.feed(b"\\x01\\x04abcd")  # first fragment: 4 bytes of a text message
+    False
+    >>> tracker.at_boundary
+    True
+    >>> tracker.feed(b"\\x80\\x07abcdefg")  # last fragment: 11 bytes in all, over the limit
+    True
+    """
+
+    __slots__ = ("_head", "_limit", "_message", "_skip")
+
+    def __init__(self, limit: int | None) -> None:
+        self._limit = limit
+        self._head = b""  # a frame header split across reads
+        self._skip = 0  # payload bytes left in the current frame
+        self._message = 0  # bytes so far in the current (possibly fragmented) message
+
+    @property
+    def at_boundary(self) -> bool:
+        return not self._skip and not self._head
+
+    def feed(self, data: bytes) -> bool:
+        """Follow ``data``; True when a message has grown past the limit."""
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._skip:
+                step = min(self._skip, end - pos)
+                self._skip -= step
+                pos += step
+                continue
+            known = len(self._head)
+            head = self._head + data[pos : pos + 14 - known]  # 14: the longest header
+            size = _header_size(head)
+            if size is None or len(head) < size:
+                self._head = head  # the rest of the header comes with the next read
+                return False
+            pos += size - known
+            self._head = b""
+            final, opcode, length = _parse_header(head)
+            if not opcode & _CONTROL:
+                self._message += length
+                if self._limit is not None and self._message > self._limit:
+                    return True
+                if final:
+                    self._message = 0
+            self._skip = length
+        return False
+
+
+def _header_size(head: bytes) -> int | None:
+    if len(head) < 2:
+        return None
+    length = head[1] & 0x7F
+    extra = 2 if length == 126 else 8 if length == 127 else 0
+    return 2 + extra + (4 if head[1] & 0x80 else 0)
+
+
+def _parse_header(head: bytes) -> tuple[bool, int, int]:
+    length = head[1] & 0x7F
+    if length == 126:
+        length = struct.unpack_from("!H", head, 2)[0]
+    elif length == 127:
+        length = struct.unpack_from("!Q", head, 2)[0]
+    return bool(head[0] & 0x80), head[0] & 0x0F, length
+
+
+def close_frame(code: int, reason: str = "", *, masked: bool) -> bytes:
+    """A close frame; ``masked`` for frames a client sends (to a backend, RFC 6455 5.3).
+
+    >>> close_frame(1001, masked=False)
+    b'\\x88\\x02\\x03\\xe9'
+    """
+    payload = struct.pack("!H", code) + reason.encode()[:123]
+    if not masked:
+        return bytes((0x88, len(payload))) + payload
+    mask = os.urandom(4)
+    body = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+    return bytes((0x88, 0x80 | len(payload))) + mask + body
