@@ -72,10 +72,12 @@ async def ok(backend: RawBackend, nth: int, request: bytes, writer: asyncio.Stre
     return True
 
 
-def raw_config(backend: RawBackend, **extra: object) -> dict[str, object]:
+def raw_config(backend: RawBackend | str, **extra: object) -> dict[str, object]:
+    """A balancer in front of one backend (a RawBackend or a URL), with no health checks."""
+    url = backend if isinstance(backend, str) else backend.url
     return {
         "port": 0,
-        "backends": [{"id": "raw", "url": backend.url}],
+        "backends": [{"id": "raw", "url": url}],
         "health": {"enabled": False},
         **extra,
     }
@@ -268,12 +270,7 @@ async def test_https_backend_with_an_untrusted_certificate_is_a_502():
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    config = {
-        "port": 0,
-        "backends": [{"id": "tls", "url": f"https://127.0.0.1:{port}"}],
-        "health": {"enabled": False},
-        "retries": 0,
-    }
+    config = raw_config(f"https://127.0.0.1:{port}", retries=0)
     try:
         async with balancer(config) as lb, aiohttp.ClientSession() as client:
             async with client.get(lb.url + "/") as resp:
