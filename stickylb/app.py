@@ -3,8 +3,7 @@
 ``build_app(config)`` gives a ready ``web.Application``; ``install(app, config)`` adds the
 balancer to an application you already have (its routes catch every path not routed before).
 Resources that live as long as the app (the upstream connection pools, the health checker,
-the mail queue) are opened and closed in one ``cleanup_ctx``;
-nothing is module-level.
+the mail queue) are opened and closed in one ``cleanup_ctx``; nothing is module-level.
 """
 
 from __future__ import annotations

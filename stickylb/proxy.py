@@ -1,9 +1,11 @@
 """Theory of operation: one HTTP request through the proxy (the hot path).
 
 ``HttpProxy.handle`` reads the sticky token, asks the pool for a backend, sends the request with
-its body streamed, and streams the answer back. Bodies are never buffered: each chunk is written
-as it arrives (so server-sent events flush), and aiohttp's flow control bounds memory both ways.
-Nothing is decompressed, redirects are never followed, and the client session has no cookie jar.
+its body streamed (``upstream.py``), and streams the answer back. Bodies are never buffered:
+each chunk is written as it arrives (so server-sent events flush), and flow control bounds
+memory both ways. An answer whose whole body has already arrived with its head (only possible
+for small ones: reading pauses at the reader's high-water mark) is sent in one write. Nothing
+is decompressed, redirects are never followed, and no cookies are kept.
 
 Failures before the backend answered map to the exception tree in ``errors.py``. A request whose
 bytes never reached the backend is retried on another backend (any method); one that was sent is

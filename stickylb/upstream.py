@@ -146,9 +146,9 @@ class Connections:
             protocol, _ = self._idle.pop()
             if protocol.is_connected():
                 return protocol, True
-        return await self._open(), False
+        return await self.open(), False
 
-    async def _open(self) -> ResponseHandler:
+    async def open(self) -> ResponseHandler:
         loop = asyncio.get_running_loop()
         timeout = self._settings.connect_timeout
         try:
@@ -233,15 +233,15 @@ class Upstream:
             headers["Connection"] = "close"
         head = request_head(method, connections.target(target), headers)
         replayable = body is None and method in IDEMPOTENT_METHODS
-        while True:
-            protocol, reused = await connections.take()
-            try:
-                return await self._exchange(connections, protocol, method, head, headers, body)
-            except UpstreamError as exc:
-                if not (reused and replayable and type(exc) is UpstreamError):
-                    raise
-                # A kept connection the backend had already closed: try once more on a new one.
-                reused = replayable = False
+        protocol, reused = await connections.take()
+        try:
+            return await self._exchange(connections, protocol, method, head, headers, body)
+        except UpstreamError as exc:
+            if not (reused and replayable and type(exc) is UpstreamError):
+                raise
+        # A kept connection the backend had already closed: once more, on a new connection.
+        protocol = await connections.open()
+        return await self._exchange(connections, protocol, method, head, headers, body)
 
     async def _exchange(
         self,
