@@ -34,6 +34,7 @@ class Balancer:
         self.pool = Pool.from_config(config)
         self.cookie = StickyCookie(config.cookie)
         self._upstream: Upstream | None = None
+        self._routes = -1  # how many routes the app had once it was installed alone
         self.admission = Admission(config.max_connections, config.max_queue, config.queue_timeout)
         self.pool.on_release = self.admission.wake
         forwarding = Forwarding(config, self.cookie)
@@ -44,6 +45,15 @@ class Balancer:
         self.admin = AdminEndpoints(config, self.pool)
         self.checker = HealthChecker(config, self.pool)
         self.alerts = AlertMailer(config, self.pool) if config.email and send_alerts else None
+
+    def owns(self, app: web.Application) -> bool:
+        """Whether ``app`` is this balancer alone (no routes, middlewares or response hooks of
+        its own), so that ``front.py`` may serve its plain requests."""
+        return (
+            self._routes == len(app.router.resources())
+            and not app.middlewares
+            and not app.on_response_prepare
+        )
 
     def upstream(self) -> Upstream:
         if self._upstream is None:
@@ -86,8 +96,11 @@ def install(app: web.Application, config: Config, *, send_alerts: bool = True) -
     """Add a balancer for ``config`` to ``app``; routes added before it keep priority."""
     balancer = Balancer(config, send_alerts=send_alerts)
     app[BALANCER_KEY] = balancer
+    alone = not app.router.resources()
     balancer.admin.routes(app)
     app.router.add_route("*", "/{tail:.*}", balancer.proxy.handle)
+    if alone:
+        balancer._routes = len(app.router.resources())
     app.cleanup_ctx.append(balancer.lifespan)
     app.on_shutdown.append(balancer.on_shutdown)
     return balancer

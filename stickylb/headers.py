@@ -66,10 +66,7 @@ def upstream_headers(
     drop: frozenset[str] = frozenset(),
 ) -> CIMultiDict[str]:
     """The headers to send upstream for a request that arrived with ``incoming``."""
-    skip = _connection_scoped(incoming) | drop
-    out: CIMultiDict[str] = CIMultiDict(
-        (name, value) for name, value in incoming.items() if name.lower() not in skip
-    )
+    out = _without(incoming, _connection_scoped(incoming), drop)
     client_host = incoming.get("Host", "")
     if peer_in(peer, trusted_proxies):
         chain = ", ".join(incoming.getall("X-Forwarded-For", ()))
@@ -90,10 +87,17 @@ def upstream_headers(
 
 def downstream_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The backend's response headers as the client should see them (Set-Cookie all kept)."""
-    skip = _connection_scoped(incoming)
-    return CIMultiDict(
-        (name, value) for name, value in incoming.items() if name.lower() not in skip
-    )
+    return _without(incoming, _connection_scoped(incoming))
+
+
+def _without(incoming: CIMultiDictProxy[str], *names: Iterable[str]) -> CIMultiDict[str]:
+    # A copy minus a dozen names is cheaper than filtering every header (all C calls).
+    out = incoming.copy()
+    for group in names:
+        for name in group:
+            if name in out:
+                del out[name]
+    return out
 
 
 def origin_form(raw_target: str) -> str | None:

@@ -17,14 +17,16 @@ truncation is visible instead of looking like a complete answer.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDict
+from aiohttp.streams import StreamReader
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from .admission import Admission
 from .affinity import StickyCookie
@@ -46,6 +48,25 @@ log = logging.getLogger("stickylb.proxy")
 DROP_REQUEST_HEADERS = frozenset({"expect"})
 BACKEND_ID_HEADER = "x-backend-id"
 NO_BODY = frozenset({204, 304})  # statuses whose answers never carry a body
+# What reading a backend's body can raise once its answer has started.
+MID_RESPONSE_ERRORS = (TimeoutError, aiohttp.ClientError, HttpProcessingError, OSError)
+
+
+class Incoming(NamedTuple):
+    """What the proxy needs of a client's request, whichever server parsed it (aiohttp's or
+    ``front.py``'s)."""
+
+    method: str
+    raw_path: str
+    headers: CIMultiDictProxy[str]
+    peer: str | None
+    scheme: str
+
+    @classmethod
+    def of(cls, request: web.BaseRequest) -> Incoming:
+        return cls(
+            request.method, request.raw_path, request.headers, request.remote, request.scheme
+        )
 
 
 class Forwarding:
@@ -59,16 +80,16 @@ class Forwarding:
         self._preserve_host = config.preserve_host
         self._trusted = parse_networks(config.trusted_proxies)
 
-    def token(self, request: web.Request) -> str | None:
-        return self._cookie.read(request.headers.get(hdrs.COOKIE)) if self._sticky else None
+    def token(self, headers: CIMultiDictProxy[str]) -> str | None:
+        return self._cookie.read(headers.get(hdrs.COOKIE)) if self._sticky else None
 
     def upstream_headers(
-        self, request: web.Request, backend: Backend, drop: frozenset[str]
+        self, incoming: Incoming, backend: Backend, drop: frozenset[str]
     ) -> CIMultiDict[str]:
         return upstream_headers(
-            request.headers,
-            peer=request.remote,
-            scheme=request.scheme,
+            incoming.headers,
+            peer=incoming.peer,
+            scheme=incoming.scheme,
             backend_host=backend.host_header,
             preserve_host=self._preserve_host,
             trusted_proxies=self._trusted,
@@ -83,8 +104,26 @@ class Forwarding:
             headers[BACKEND_ID_HEADER] = str(choice.backend.id)
 
 
+class Answer(NamedTuple):
+    """A complete answer of our own (errors, "unavailable"), for either server."""
+
+    status: int
+    content_type: str
+    body: bytes
+
+    @classmethod
+    def error(cls, error: StickyLBError) -> Answer:
+        body = json.dumps({"error": error.public_message}).encode()
+        return cls(error.status, "application/json; charset=utf-8", body)
+
+    def response(self) -> web.Response:
+        return web.Response(
+            status=self.status, body=self.body, headers={hdrs.CONTENT_TYPE: self.content_type}
+        )
+
+
 def error_response(error: StickyLBError) -> web.Response:
-    return web.json_response({"error": error.public_message}, status=error.status)
+    return Answer.error(error).response()
 
 
 class Unavailable:
@@ -92,49 +131,44 @@ class Unavailable:
 
     def __init__(self, config: UnavailableConfig | None) -> None:
         self._config = config
+        self.has_handler = config is not None and config.handler is not None
+        if config is None:
+            self.fixed = Answer.error(NoBackendAvailable())
+        else:
+            body = config.body if config.body is not None else NoBackendAvailable.public_message
+            self.fixed = Answer(config.status, config.content_type, body.encode())
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         config = self._config
-        if config is None:
-            return error_response(NoBackendAvailable())
-        if config.handler is not None:
-            result = config.handler(request)
-            if inspect.isawaitable(result):
-                result = await result
-            if isinstance(result, web.StreamResponse):
-                return result
-            return web.Response(
-                status=config.status,
-                text=str(result),
-                content_type=config.content_type.split(";")[0],
-            )
-        body = config.body if config.body is not None else NoBackendAvailable.public_message
+        if config is None or config.handler is None:
+            return self.fixed.response()
+        result = config.handler(request)
+        if inspect.isawaitable(result):
+            result = await result
+        if isinstance(result, web.StreamResponse):
+            return result
         return web.Response(
             status=config.status,
-            body=body.encode(),
-            headers={hdrs.CONTENT_TYPE: config.content_type},
+            text=str(result),
+            content_type=config.content_type.split(";")[0],
         )
 
 
 class RequestBody:
     """The client's body, streamed at most once; remembers whether any of it was read."""
 
-    __slots__ = ("_request", "limit", "started", "too_large")
+    __slots__ = ("_content", "limit", "started", "too_large")
 
-    def __init__(self, request: web.Request, limit: int | None) -> None:
-        self._request = request
+    def __init__(self, content: StreamReader, limit: int | None) -> None:
+        self._content = content
         self.limit = limit
         self.started = False
         self.too_large = False
 
-    @property
-    def present(self) -> bool:
-        return self._request.body_exists
-
     async def chunks(self) -> AsyncIterator[bytes]:
         self.started = True
         received = 0
-        async for chunk in self._request.content.iter_any():
+        async for chunk in self._content.iter_any():
             received += len(chunk)
             if self.limit is not None and received > self.limit:
                 self.too_large = True
@@ -142,8 +176,27 @@ class RequestBody:
             yield chunk
 
 
+class Exchange:
+    """A request a backend has answered: ``end()`` once its answer is relayed (or abandoned)."""
+
+    __slots__ = ("_pool", "choice", "response")
+
+    def __init__(self, pool: Pool, choice: Choice, response: UpstreamResponse) -> None:
+        self._pool = pool
+        self.choice = choice
+        self.response = response
+
+    def end(self) -> None:
+        self.response.release()
+        self._pool.release(self.choice.backend)
+
+
 class HttpProxy:
-    """Forwards plain HTTP requests; hands WebSocket upgrades to ``websocket_relay``."""
+    """Forwards plain HTTP requests; hands WebSocket upgrades to ``websocket_relay``.
+
+    ``handle`` serves aiohttp's requests (``app.py``); ``front.py`` serves the common requests
+    of ``python -m stickylb`` itself, sharing ``choose`` and ``send`` with it.
+    """
 
     def __init__(
         self,
@@ -155,117 +208,135 @@ class HttpProxy:
         admission: Admission,
     ) -> None:
         self._pool = pool
-        self._forwarding = forwarding
-        self._admission = admission
+        self.forwarding = forwarding
+        self.admission = admission
         self.unavailable = Unavailable(config.unavailable)
         self._upstream = upstream
         self._relay_websocket = websocket_relay
         self._retries = config.retries
-        self._max_body = config.limits.max_body_size
+        self.max_body = config.limits.max_body_size
         self._connect_timeout = config.timeouts.connect
         self._read_timeout = config.timeouts.read
 
-    async def choose(self, request: web.Request) -> Choice | None:
+    async def choose(self, token: str | None) -> Choice | None:
         """The sticky or balanced backend; waits in the queue while the right ones are full."""
-        token = self._forwarding.token(request)
         pinned = self._pool.pinned(token)
         if pinned is not None and pinned.healthy and pinned.full and pinned.config.max_connections:
             # Keep the client's session: wait for a slot on its own backend (maxConnections 0
             # means out of service, so those clients are re-balanced instead).
-            if await self._admission.wait_until(lambda: pinned.available, pinned.key):
+            if await self.admission.wait_until(lambda: pinned.available, pinned.key):
                 return Choice(pinned, repinned=False)
             return None
         choice = self._pool.choose(token)
         if choice is None and any(b.healthy for b in self._pool.backends):
-            await self._admission.wait_until(lambda: self._pool.choose(token) is not None, "any")
+            await self.admission.wait_until(lambda: self._pool.choose(token) is not None, "any")
             choice = self._pool.choose(token)
         return choice
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if not await self._admission.enter():
+        if not await self.admission.enter():
             return await self.unavailable(request)
         try:
-            choice = await self.choose(request)
+            choice = await self.choose(self.forwarding.token(request.headers))
             if choice is None:
                 return await self.unavailable(request)
             if request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
                 return await self._relay_websocket(request, choice)  # type: ignore[no-any-return]
             return await self._proxy(request, choice)
         finally:
-            self._admission.leave()
+            self.admission.leave()
 
     async def _proxy(self, request: web.Request, choice: Choice) -> web.StreamResponse:
         target = origin_form(request.raw_path)
         if target is None:
             return web.json_response({"error": "Bad request target."}, status=400)
-        if self._max_body is not None and (request.content_length or 0) > self._max_body:
+        if self.max_body is not None and (request.content_length or 0) > self.max_body:
             return error_response(RequestTooLarge())
-        body = RequestBody(request, self._max_body)
+        body = RequestBody(request.content, self.max_body) if request.body_exists else None
+        try:
+            exchange = await self.send(Incoming.of(request), target, choice, body)
+        except StickyLBError as exc:
+            return error_response(exc)
+        try:
+            return await self._relay_response(request, exchange)
+        finally:
+            exchange.end()
+
+    async def send(
+        self, incoming: Incoming, target: str, choice: Choice, body: RequestBody | None
+    ) -> Exchange:
+        """Send the request to ``choice``'s backend, retrying on others where that is safe.
+
+        Raises the ``StickyLBError`` to answer with when no backend answered (already logged).
+        """
         tried: tuple[Backend, ...] = ()
         while True:
             backend = choice.backend
             self._pool.acquire(backend)
             try:
-                upstream = await self._send(request, backend, target, body)
-                try:
-                    return await self._relay_response(request, upstream, choice)
-                finally:
-                    upstream.release()
+                headers = self.forwarding.upstream_headers(incoming, backend, DROP_REQUEST_HEADERS)
+                chunks = body.chunks() if body is not None else None
+                response = await self._upstream().request(
+                    backend, incoming.method, target, headers, chunks
+                )
+                return Exchange(self._pool, choice, response)
             except UpstreamError as exc:
-                if body.too_large:
-                    return error_response(RequestTooLarge())
+                self._pool.release(backend)
+                if body is not None and body.too_large:
+                    raise RequestTooLarge() from None
                 self._pool.record_passive_failure(backend, exc.reason)
                 tried += (backend,)
-                retry = self._retry_choice(request, body, exc, tried)
+                retry = self._retry_choice(incoming.method, body, exc, tried)
                 if retry is None:
                     log.warning(
                         "%s %s -> backend %s failed: %s",
-                        request.method,
-                        request.path,
+                        incoming.method,
+                        target,
                         backend.id,
                         exc.reason,
                     )
-                    return error_response(exc)
+                    raise
                 log.info(
                     "%s %s -> backend %s failed (%s); retrying on backend %s",
-                    request.method,
-                    request.path,
+                    incoming.method,
+                    target,
                     backend.id,
                     exc.reason,
                     retry.backend.id,
                 )
                 choice = retry
-            finally:
+            except BaseException:
                 self._pool.release(backend)
+                raise
 
     def _retry_choice(
         self,
-        request: web.Request,
-        body: RequestBody,
+        method: str,
+        body: RequestBody | None,
         exc: UpstreamError,
         tried: tuple[Backend, ...],
     ) -> Choice | None:
         if len(tried) > self._retries or isinstance(exc, UpstreamTimeout):
             return None
-        if body.started:  # the client's bytes are gone; nothing to send again
+        if body is not None and body.started:  # the client's bytes are gone; nothing to resend
             return None
-        if exc.request_sent and request.method not in IDEMPOTENT_METHODS:
+        if exc.request_sent and method not in IDEMPOTENT_METHODS:
             return None
         choice = self._pool.choose(None, exclude=tried)
         return None if choice is None else Choice(choice.backend, repinned=True)
 
-    async def _send(
-        self, request: web.Request, backend: Backend, target: str, body: RequestBody
-    ) -> UpstreamResponse:
-        headers = self._forwarding.upstream_headers(request, backend, DROP_REQUEST_HEADERS)
-        chunks = body.chunks() if body.present else None
-        return await self._upstream().request(backend, request.method, target, headers, chunks)
+    def failed_mid_response(
+        self, exc: BaseException, method: str, target: str, backend: Backend
+    ) -> None:
+        reason = describe_client_error(exc, self._connect_timeout, self._read_timeout)
+        log.warning(
+            "%s %s: backend %s failed mid-response: %s", method, target, backend.id, reason.reason
+        )
 
-    async def _relay_response(
-        self, request: web.Request, upstream: UpstreamResponse, choice: Choice
-    ) -> web.StreamResponse:
+    async def _relay_response(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        upstream = exchange.response
         headers = downstream_headers(upstream.headers)
-        self._forwarding.mark(headers, choice)
+        self.forwarding.mark(headers, exchange.choice)
         reader = upstream.content
         if reader.is_eof() and request.method != "HEAD" and upstream.status not in NO_BODY:
             # The whole body came with the head (typical for small answers): one write, head
@@ -282,14 +353,9 @@ class HttpProxy:
             while True:
                 try:
                     chunk = await reader.readany()
-                except (TimeoutError, aiohttp.ClientError, HttpProcessingError, OSError) as exc:
-                    reason = describe_client_error(exc, self._connect_timeout, self._read_timeout)
-                    log.warning(
-                        "%s %s: backend %s failed mid-response: %s",
-                        request.method,
-                        request.path,
-                        choice.backend.id,
-                        reason.reason,
+                except MID_RESPONSE_ERRORS as exc:
+                    self.failed_mid_response(
+                        exc, request.method, request.path, exchange.choice.backend
                     )
                     self._abort_client(request)
                     return response

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from .app import BALANCER_KEY, build_app
 from .config import Config
+from .front import FrontRunner
 
 log = logging.getLogger("stickylb")
 
@@ -34,7 +35,7 @@ class StartupError(Exception):
 
 
 def runner_for(app: web.Application, config: Config, **extra: Any) -> web.AppRunner:
-    return web.AppRunner(
+    return FrontRunner(
         app,
         handle_signals=False,
         access_log=extra.pop("access_log", None),

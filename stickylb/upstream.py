@@ -3,7 +3,7 @@
 Why not aiohttp's ``ClientSession``: profiled under load, building its ``ClientRequest`` and
 ``ClientResponse`` and going through its connector was ~45 % of a proxied request, for features
 a proxy never uses (cookies, redirects, auth, URL joining, tracing). What this module keeps from
-aiohttp is the part that matters: ``ResponseHandler``, the protocol aiohttp's own client uses,
+aiohttp is the part that matters: ``BackendConnection``, the protocol aiohttp's own client uses,
 which brings the C response parser, read flow control, the read timeout (rearmed on every
 chunk received) and the ``StreamReader`` the body arrives in.
 
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_writer import _serialize_headers
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -37,6 +38,10 @@ from .pool import Backend
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Methods whose bodyless requests still say "Content-Length: 0" (as aiohttp and curl send).
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# How much of a backend's body may wait for the client before reading pauses (twice this is
+# the high-water mark). aiohttp's 64 KiB default paused and resumed reading so often that 1 MiB
+# answers went ~15 % slower (benchmarks/, asyncio loop).
+BODY_BUFFER = 256 * 1024
 _CONNECT_ERRNOS = {111: "connect refused", 113: "no route to host", 101: "network unreachable"}
 
 
@@ -76,10 +81,67 @@ def describe_client_error(
 def request_head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:
     """The request line and headers, ready to write. Every part came through aiohttp's parser
     (or from our own code), so none can hold CR or LF."""
-    lines = [f"{method} {target} HTTP/1.1\r\n"]
+    request_line = f"{method} {target} HTTP/1.1"
+    if request_line.isascii() and "".join(headers.values()).isascii():
+        return _serialize_headers(request_line, headers)  # aiohttp's, in C
+    # Non-ASCII: the parser kept bytes that are not UTF-8 as surrogates, which aiohttp's
+    # serializer would drop; encoding them back gives the backend the client's very bytes.
+    lines = [request_line + "\r\n"]
     lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
     lines.append("\r\n")
     return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+class BackendConnection(ResponseHandler):
+    """aiohttp's client protocol with three costs per request taken out.
+
+    The read timeout: aiohttp starts a new timer on every read; here one timer per connection
+    stays armed and, when it fires early, re-arms for the current deadline. The response
+    parser: aiohttp makes one per request; a kept connection keeps its own (one for HEAD, one
+    for everything else, since a HEAD answer has no body to read). Resuming reads: only when
+    they were paused.
+    """
+
+    __slots__ = ("_deadline", "parser_for_head")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self._deadline: float | None = None  # None: not waiting for the backend
+        self.parser_for_head: bool | None = None  # None: no parser yet
+
+    def _reschedule_timeout(self) -> None:
+        timeout = self._read_timeout
+        if not timeout:
+            self._deadline = None
+            return
+        self._deadline = self._loop.time() + timeout
+        if self._read_timeout_handle is None:
+            self._read_timeout_handle = self._loop.call_at(self._deadline, self._on_read_timeout)
+
+    def _drop_timeout(self) -> None:
+        self._deadline = None  # an armed timer finds nothing to do when it fires
+
+    def _on_read_timeout(self) -> None:
+        self._read_timeout_handle = None
+        deadline = self._deadline
+        if deadline is None:
+            return
+        if self._loop.time() < deadline:
+            self._read_timeout_handle = self._loop.call_at(deadline, self._on_read_timeout)
+            return
+        super()._on_read_timeout()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        # aiohttp's body reader calls this after every read and at the end of every body;
+        # only a connection that was paused has anything to resume.
+        if self._reading_paused:
+            super().resume_reading(resume_parser)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        if self._read_timeout_handle is not None:
+            self._read_timeout_handle.cancel()
+            self._read_timeout_handle = None
 
 
 class UpstreamResponse:
@@ -90,7 +152,7 @@ class UpstreamResponse:
     def __init__(
         self,
         connections: Connections,
-        protocol: ResponseHandler,
+        protocol: BackendConnection,
         status: int,
         reason: str,
         headers: CIMultiDictProxy[str],
@@ -114,7 +176,7 @@ class UpstreamResponse:
         else:
             self.close()
 
-    def detach(self) -> ResponseHandler:
+    def detach(self) -> BackendConnection:
         """Take the connection over (after a 101); it is then the caller's to close."""
         return self._protocol
 
@@ -134,13 +196,13 @@ class Connections:
         self._ssl = ssl.create_default_context() if url.scheme == "https" else None
         self._prefix = url.raw_path.rstrip("/")
         self._settings = settings
-        self._idle: list[tuple[ResponseHandler, float]] = []
+        self._idle: list[tuple[BackendConnection, float]] = []
         self._sweep: asyncio.TimerHandle | None = None
 
     def target(self, origin_form: str) -> str:
         return self._prefix + origin_form
 
-    async def take(self) -> tuple[ResponseHandler, bool]:
+    async def take(self) -> tuple[BackendConnection, bool]:
         """A connection and whether it is a reused one."""
         while self._idle:
             protocol, _ = self._idle.pop()
@@ -148,13 +210,13 @@ class Connections:
                 return protocol, True
         return await self.open(), False
 
-    async def open(self) -> ResponseHandler:
+    async def open(self) -> BackendConnection:
         loop = asyncio.get_running_loop()
         timeout = self._settings.connect_timeout
         try:
             async with asyncio.timeout(timeout):
                 _, protocol = await loop.create_connection(
-                    lambda: ResponseHandler(loop),
+                    lambda: BackendConnection(loop),
                     self._host,
                     self._port,
                     ssl=self._ssl,
@@ -170,7 +232,7 @@ class Connections:
             ) from None
         return protocol
 
-    def keep(self, protocol: ResponseHandler) -> None:
+    def keep(self, protocol: BackendConnection) -> None:
         loop = asyncio.get_running_loop()
         keep_alive = self._settings.keep_alive
         if not keep_alive:
@@ -246,22 +308,26 @@ class Upstream:
     async def _exchange(
         self,
         connections: Connections,
-        protocol: ResponseHandler,
+        protocol: BackendConnection,
         method: str,
         head: bytes,
         headers: CIMultiDict[str],
         body: AsyncIterator[bytes] | None,
     ) -> UpstreamResponse:
         settings = self._settings
-        protocol.set_response_params(
-            skip_payload=method == "HEAD",
-            read_until_eof=True,  # no length and not chunked: the body ends when the backend closes
-            auto_decompress=False,
-            read_timeout=settings.read_timeout,
-            max_line_size=settings.max_line_size,
-            max_field_size=settings.max_field_size,
-            max_headers=settings.max_headers,
-        )
+        for_head = method == "HEAD"
+        if protocol.parser_for_head is not for_head:
+            protocol.set_response_params(
+                skip_payload=for_head,
+                read_until_eof=True,  # no length, not chunked: it ends when the backend closes
+                auto_decompress=False,
+                read_timeout=settings.read_timeout,
+                max_line_size=settings.max_line_size,
+                max_field_size=settings.max_field_size,
+                max_headers=settings.max_headers,
+                read_bufsize=BODY_BUFFER,
+            )
+            protocol.parser_for_head = for_head
         transport = protocol.transport
         if transport is None:
             raise UpstreamError("backend closed the connection", request_sent=False)
@@ -298,7 +364,7 @@ class Upstream:
 
 
 async def _write_body(
-    protocol: ResponseHandler, body: AsyncIterator[bytes], *, chunked: bool
+    protocol: BackendConnection, body: AsyncIterator[bytes], *, chunked: bool
 ) -> None:
     """Stream the client's body to the backend, waiting whenever the socket's buffer is full.
 

@@ -30,7 +30,7 @@ from .config import Config
 from .errors import UpstreamError
 from .headers import downstream_headers, origin_form
 from .pool import Backend, Choice, Pool
-from .proxy import Forwarding, error_response
+from .proxy import Forwarding, Incoming, error_response
 from .upstream import Upstream, UpstreamResponse
 from .ws_frames import FrameTracker, close_frame
 
@@ -84,7 +84,7 @@ class WebSocketRelay:
                 self._pool.release(backend)
 
     async def _connect(self, request: web.Request, backend: Backend) -> UpstreamResponse:
-        headers = self._forwarding.upstream_headers(request, backend, frozenset())
+        headers = self._forwarding.upstream_headers(Incoming.of(request), backend, frozenset())
         headers[hdrs.CONNECTION] = "Upgrade"
         headers[hdrs.UPGRADE] = "websocket"
         target = origin_form(request.raw_path) or "/"
