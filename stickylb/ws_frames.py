@@ -11,6 +11,8 @@ import os
 import struct
 
 _CONTROL = 0x8  # opcodes 8-15 are control frames; they never belong to a message
+_FINAL = 0x80  # FIN: the last frame of a message
+_MAX_HEADER = 14  # 2 + 8 bytes of length + 4 of mask
 
 
 class FrameTracker:
@@ -46,40 +48,43 @@ class FrameTracker:
                 self._skip -= step
                 pos += step
                 continue
-            known = len(self._head)
-            head = self._head + data[pos : pos + 14 - known]  # 14: the longest header
-            size = _header_size(head)
-            if size is None or len(head) < size:
-                self._head = head  # the rest of the header comes with the next read
+            if self._head:  # a header split across reads: complete it from this one
+                known = len(self._head)
+                buffer, at = self._head + data[pos : pos + _MAX_HEADER - known], 0
+            else:  # the usual case: the header is in ``data`` itself, read in place
+                known, buffer, at = 0, data, pos
+            frame = _frame_header(buffer, at)
+            if frame is None:
+                self._head = buffer[at:]  # the rest of the header comes with the next read
                 return False
+            size, first, length = frame
             pos += size - known
             self._head = b""
-            final, opcode, length = _parse_header(head)
-            if not opcode & _CONTROL:
+            if not first & _CONTROL:
                 self._message += length
                 if self._limit is not None and self._message > self._limit:
                     return True
-                if final:
+                if first & _FINAL:
                     self._message = 0
             self._skip = length
         return False
 
 
-def _header_size(head: bytes) -> int | None:
-    if len(head) < 2:
+def _frame_header(buffer: bytes, at: int) -> tuple[int, int, int] | None:
+    """The frame header starting at ``buffer[at]``: (its size, its first byte, the payload
+    length), or None when the buffer ends before the header does."""
+    available = len(buffer) - at
+    if available < 2:
         return None
-    length = head[1] & 0x7F
+    second = buffer[at + 1]
+    length = second & 0x7F
     extra = 2 if length == 126 else 8 if length == 127 else 0
-    return 2 + extra + (4 if head[1] & 0x80 else 0)
-
-
-def _parse_header(head: bytes) -> tuple[bool, int, int]:
-    length = head[1] & 0x7F
-    if length == 126:
-        length = struct.unpack_from("!H", head, 2)[0]
-    elif length == 127:
-        length = struct.unpack_from("!Q", head, 2)[0]
-    return bool(head[0] & 0x80), head[0] & 0x0F, length
+    size = 2 + extra + (4 if second & 0x80 else 0)
+    if available < size:
+        return None
+    if extra:
+        length = int.from_bytes(buffer[at + 2 : at + 2 + extra], "big")
+    return size, buffer[at], length
 
 
 def close_frame(code: int, reason: str = "", *, masked: bool) -> bytes:
