@@ -54,6 +54,14 @@ class Admission:
         self.active += 1
         return True
 
+    def try_enter(self) -> bool:
+        """Take a global slot if one is free and nobody queues (the usual case: no waiting)."""
+        limit = self._max_active
+        if limit is None or (self.active < limit and not self._waiters):
+            self.active += 1
+            return True
+        return False
+
     def leave(self) -> None:
         self.active -= 1
         self.wake()

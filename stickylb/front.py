@@ -229,6 +229,8 @@ class FrontProtocol(BaseProtocol):
         keep_alive = False
         try:
             keep_alive = await self._respond(message)
+            if keep_alive and self.writing_paused:
+                await self._drain_helper()  # the next answer waits until this one has left
         except HandOver:
             self._task = None
             self._hand_over(head)
@@ -247,8 +249,6 @@ class FrontProtocol(BaseProtocol):
         if not keep_alive or self._closing:
             transport.close()
             return
-        if self.writing_paused:
-            await self._drain_helper()
         self._idle_since = self._loop.time()
         if self._buffer_full:
             self._buffer_full = False
@@ -261,10 +261,11 @@ class FrontProtocol(BaseProtocol):
     async def _respond(self, message: RawRequestMessage) -> bool:
         """Proxy one plain request; True if the connection may serve another."""
         proxy = self._front.proxy
-        if not await proxy.admission.enter():
+        if not (proxy.admission.try_enter() or await proxy.admission.enter()):
             return await self._unavailable(message)
         try:
-            choice = await proxy.choose(proxy.forwarding.token(message.headers))
+            token = proxy.forwarding.token(message.headers)
+            choice = proxy.choose_now(token) or await proxy.choose(token)
             if choice is None:
                 return await self._unavailable(message)
             incoming = Incoming(message.method, message.path, message.headers, self._peer, "http")

@@ -8,6 +8,7 @@ trusted proxy, in which case the peer is appended to the chain (as Traefik and C
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping
 
@@ -49,8 +50,11 @@ def peer_in(peer: str | None, networks: tuple[Network, ...]) -> bool:
 
 def _connection_scoped(headers: Mapping[str, str]) -> frozenset[str]:
     values = headers.getall("Connection", ())  # type: ignore[attr-defined]
-    if not values:
-        return HOP_BY_HOP_HEADERS
+    return _scoped_by(tuple(values)) if values else HOP_BY_HOP_HEADERS
+
+
+@functools.lru_cache(maxsize=64)  # a handful of values ("keep-alive", "close") recur endlessly
+def _scoped_by(values: tuple[str, ...]) -> frozenset[str]:
     named = {token.strip().lower() for value in values for token in value.split(",")}
     return HOP_BY_HOP_HEADERS | named
 

@@ -218,6 +218,13 @@ class HttpProxy:
         self._connect_timeout = config.timeouts.connect
         self._read_timeout = config.timeouts.read
 
+    def choose_now(self, token: str | None) -> Choice | None:
+        """The backend when nobody has to wait for one; None: ask ``choose``, which may wait."""
+        pinned = self._pool.pinned(token)
+        if pinned is not None and pinned.full:
+            return None
+        return self._pool.choose(token)
+
     async def choose(self, token: str | None) -> Choice | None:
         """The sticky or balanced backend; waits in the queue while the right ones are full."""
         pinned = self._pool.pinned(token)
@@ -234,10 +241,11 @@ class HttpProxy:
         return choice
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if not await self.admission.enter():
+        if not (self.admission.try_enter() or await self.admission.enter()):
             return await self.unavailable(request)
         try:
-            choice = await self.choose(self.forwarding.token(request.headers))
+            token = self.forwarding.token(request.headers)
+            choice = self.choose_now(token) or await self.choose(token)
             if choice is None:
                 return await self.unavailable(request)
             if request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
