@@ -90,6 +90,9 @@ def measure(
     out[peer]["ws_cpu_us_per_msg"].append(cpu)
 
 
+SOAK_STRETCH = 15.0  # seconds of one kind of load before the other
+
+
 def soak(running: peers.Running, seconds: float) -> dict[str, Any]:
     """Mixed load for ``seconds``; RSS sampled every 10 s; growth after a 20 % warm-up."""
     import threading
@@ -106,11 +109,13 @@ def soak(running: peers.Running, seconds: float) -> dict[str, Any]:
     sampler.start()
     url = f"http://127.0.0.1:{running.port}"
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        chunk = min(30.0, deadline - time.monotonic())
-        load.http_load(
-            url + ("/big" if int(time.monotonic()) % 3 == 0 else "/tiny"), max(1.0, chunk), 32
-        )
+    # Small and 1 MiB answers take turns in short stretches, so the warm-up sees both kinds.
+    for turn in range(10_000):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        path = "/big" if turn % 2 else "/tiny"
+        load.http_load(url + path, max(1.0, min(SOAK_STRETCH, remaining)), 32)
     stop.set()
     sampler.join()
     warm = [rss for at, rss in samples if at >= 0.2 * seconds]

@@ -261,13 +261,10 @@ class FrontProtocol(BaseProtocol):
     async def _respond(self, message: RawRequestMessage) -> bool:
         """Proxy one plain request; True if the connection may serve another."""
         proxy = self._front.proxy
-        if not (proxy.admission.try_enter() or await proxy.admission.enter()):
+        choice = await proxy.admit(message.headers)
+        if choice is None:
             return await self._unavailable(message)
         try:
-            token = proxy.forwarding.token(message.headers)
-            choice = proxy.choose_now(token) or await proxy.choose(token)
-            if choice is None:
-                return await self._unavailable(message)
             incoming = Incoming(message.method, message.path, message.headers, self._peer, "http")
             try:
                 exchange = await proxy.send(incoming, message.path, choice, None)

@@ -240,14 +240,27 @@ class HttpProxy:
             choice = self._pool.choose(token)
         return choice
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def admit(self, headers: CIMultiDictProxy[str]) -> Choice | None:
+        """A global slot and a backend for a request, waiting in the queue if need be. None
+        (holding nothing) means the unavailable answer; otherwise ``admission.leave()`` when
+        the request is done. Nothing awaits in the usual case: a free slot, nobody queued."""
         if not (self.admission.try_enter() or await self.admission.enter()):
+            return None
+        token = self.forwarding.token(headers)
+        try:
+            choice = self.choose_now(token) or await self.choose(token)
+        except BaseException:
+            self.admission.leave()
+            raise
+        if choice is None:
+            self.admission.leave()
+        return choice
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        choice = await self.admit(request.headers)
+        if choice is None:
             return await self.unavailable(request)
         try:
-            token = self.forwarding.token(request.headers)
-            choice = self.choose_now(token) or await self.choose(token)
-            if choice is None:
-                return await self.unavailable(request)
             if request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
                 return await self._relay_websocket(request, choice)  # type: ignore[no-any-return]
             return await self._proxy(request, choice)
