@@ -38,10 +38,6 @@ from .pool import Backend
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Methods whose bodyless requests still say "Content-Length: 0" (as aiohttp and curl send).
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-# How much of a backend's body may wait for the client before reading pauses (twice this is
-# the high-water mark). aiohttp's 64 KiB default paused and resumed reading so often that 1 MiB
-# answers went ~15 % slower (benchmarks/, asyncio loop).
-BODY_BUFFER = 256 * 1024
 _CONNECT_ERRNOS = {111: "connect refused", 113: "no route to host", 101: "network unreachable"}
 
 
@@ -325,7 +321,6 @@ class Upstream:
                 max_line_size=settings.max_line_size,
                 max_field_size=settings.max_field_size,
                 max_headers=settings.max_headers,
-                read_bufsize=BODY_BUFFER,
             )
             protocol.parser_for_head = for_head
         transport = protocol.transport
