@@ -39,6 +39,7 @@ from aiohttp.tcp_helpers import tcp_keepalive
 from aiohttp.web_log import AccessLogger
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .app import BALANCER_KEY, handler_args
 from .config import Config
 from .errors import StickyLBError
 from .headers import downstream_headers
@@ -70,12 +71,12 @@ class FrontServer:
         self.access_log = access_log
         self.proxy = proxy
         self.loop = asyncio.get_running_loop()
-        limits = config.limits
-        self.max_field_size = limits.max_header_size
-        self.max_line_size = max(limits.max_header_size, 8190)
-        self.max_headers = limits.max_headers
+        limits = handler_args(config)  # the very limits aiohttp's server applies
+        self.max_field_size: int = limits["max_field_size"]
+        self.max_line_size: int = limits["max_line_size"]
+        self.max_headers: int = limits["max_headers"]
         # The most a head can be before the parser rejects it: past that, aiohttp answers.
-        self.max_head = self.max_line_size + limits.max_headers * (self.max_field_size + 2) + 4
+        self.max_head = self.max_line_size + self.max_headers * (self.max_field_size + 2) + 4
         self.keep_alive = config.timeouts.keep_alive
         self.admin_prefix = config.admin.prefix
         self.connections: set[FrontProtocol] = set()
@@ -420,8 +421,6 @@ class FrontRunner(web.AppRunner):
         super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:
-        from .app import BALANCER_KEY
-
         server = await super()._make_server()
         balancer = self.app.get(BALANCER_KEY)
         if balancer is None or not balancer.owns(self.app):
