@@ -286,11 +286,11 @@ class FrontProtocol(BaseProtocol):
 
     async def _answer(self, message: RawRequestMessage, answer: Answer) -> bool:
         headers = CIMultiDict({hdrs.CONTENT_TYPE: answer.content_type})
-        body = b"" if message.method == "HEAD" else answer.body
         headers[hdrs.CONTENT_LENGTH] = str(len(answer.body))
-        keep_alive = self._connection_header(message, headers, not message.should_close)
-        writer = self._writer(answer.status, headers)
-        await writer.write_headers(_status_line(message, answer.status, ""), headers)
+        body = b"" if message.method == "HEAD" else answer.body
+        writer, keep_alive = await self._start(
+            message, answer.status, "", headers, not message.should_close
+        )
         await writer.write_eof(body)
         return keep_alive
 
@@ -300,27 +300,27 @@ class FrontProtocol(BaseProtocol):
         self._front.proxy.forwarding.mark(headers, exchange.choice)
         reader = upstream.content
         keep_alive = not message.should_close
-        writer = self._writer(upstream.status, headers)
         bodiless = message.method == "HEAD" or upstream.status in NO_BODY
-        if bodiless or reader.is_eof():
-            # The whole answer is here (typical for small ones): head and body in one write.
-            body = b"" if bodiless else reader.read_nowait()
-            if not bodiless:
-                headers[hdrs.CONTENT_LENGTH] = str(len(body))
-            keep_alive = self._connection_header(message, headers, keep_alive)
-            await writer.write_headers(
-                _status_line(message, upstream.status, upstream.reason), headers
-            )
-            await writer.write_eof(body)
-            return keep_alive
-        if hdrs.CONTENT_LENGTH not in headers:
+        whole: bytes | None = None  # the body, when all of it is here already
+        chunked = False
+        if bodiless:
+            whole = b""
+        elif reader.is_eof():
+            # Typical for small answers: head and body go out in one write.
+            whole = reader.read_nowait()
+            headers[hdrs.CONTENT_LENGTH] = str(len(whole))
+        elif hdrs.CONTENT_LENGTH not in headers:
             if message.version >= HttpVersion11:
                 headers[hdrs.TRANSFER_ENCODING] = "chunked"
-                writer.enable_chunking()
+                chunked = True
             else:
                 keep_alive = False  # an HTTP/1.0 client reads the body until we close
-        keep_alive = self._connection_header(message, headers, keep_alive)
-        await writer.write_headers(_status_line(message, upstream.status, upstream.reason), headers)
+        writer, keep_alive = await self._start(
+            message, upstream.status, upstream.reason, headers, keep_alive, chunked=chunked
+        )
+        if whole is not None:
+            await writer.write_eof(whole)
+            return keep_alive
         while True:
             try:
                 chunk = await reader.readany()
@@ -335,10 +335,28 @@ class FrontProtocol(BaseProtocol):
         await writer.write_eof()
         return keep_alive
 
-    def _writer(self, status: int, headers: CIMultiDict[str]) -> StreamWriter:
+    async def _start(
+        self,
+        message: RawRequestMessage,
+        status: int,
+        reason: str,
+        headers: CIMultiDict[str],
+        keep_alive: bool,
+        *,
+        chunked: bool = False,
+    ) -> tuple[StreamWriter, bool]:
+        """Set the connection headers and hand the status line and headers to a writer (they
+        go out with the first body bytes); the writer and whether to keep the connection."""
+        if keep_alive and message.version < HttpVersion11:
+            headers[hdrs.CONNECTION] = "keep-alive"
+        elif not keep_alive and message.version >= HttpVersion11:
+            headers[hdrs.CONNECTION] = "close"
         writer = StreamWriter(self, self._loop)
+        if chunked:
+            writer.enable_chunking()
         self._answered = (status, headers, writer)
-        return writer
+        await writer.write_headers(_status_line(message, status, reason), headers)
+        return writer, keep_alive
 
     def _log_access(self, message: RawRequestMessage, started: float) -> None:
         assert self._front.access_log is not None and self._answered is not None
@@ -349,16 +367,6 @@ class FrontProtocol(BaseProtocol):
         )
         answer = _LoggedAnswer(status, writer.output_size, headers)
         self._front.access_log.log(request, answer, self._loop.time() - started)  # type: ignore[arg-type]
-
-    @staticmethod
-    def _connection_header(
-        message: RawRequestMessage, headers: CIMultiDict[str], keep_alive: bool
-    ) -> bool:
-        if keep_alive and message.version < HttpVersion11:
-            headers[hdrs.CONNECTION] = "keep-alive"
-        elif not keep_alive and message.version >= HttpVersion11:
-            headers[hdrs.CONNECTION] = "close"
-        return keep_alive
 
     # --- shutdown ------------------------------------------------------------------------------
 
