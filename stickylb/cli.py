@@ -18,6 +18,7 @@ from . import __version__
 from .app import build_app
 from .config import ConfigError, describe, load_config
 from .loops import LOOP_CHOICES, loop_factory, loop_name
+from .memory import tune_malloc
 from .server import StartupError, serve
 from .workers import run_workers
 
@@ -105,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(EXIT_STARTUP)
     logging.getLogger("stickylb").debug("event loop: %s", loop_name(factory))
     access_log = logging.getLogger("stickylb.access") if args.access_log else None
+    tune_malloc()
 
     def run(sock: socket.socket | None = None, index: int = 0) -> None:
         app = build_app(config, send_alerts=index == 0)

@@ -44,6 +44,7 @@ from .config import Config
 from .errors import StickyLBError
 from .headers import downstream_headers
 from .proxy import MID_RESPONSE_ERRORS, NO_BODY, Answer, Exchange, HttpProxy, Incoming
+from .streaming import read_piece
 
 log = logging.getLogger("stickylb.front")
 
@@ -126,7 +127,9 @@ class FrontProtocol(BaseProtocol):
     def __init__(self, front: FrontServer) -> None:
         super().__init__(front.loop)
         self._front = front
-        self._request_parser = HttpRequestParser(
+        # Dropped when the connection ends: parser and writer point back at this protocol, and
+        # without the cycles a closed connection is freed at once rather than by a full GC pass.
+        self._request_parser: HttpRequestParser | None = HttpRequestParser(
             self,
             front.loop,
             1 << 16,
@@ -174,6 +177,8 @@ class FrontProtocol(BaseProtocol):
 
     def _forget(self) -> None:
         self._front.connections.discard(self)
+        self._request_parser = None
+        self._answered = None
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
@@ -193,7 +198,8 @@ class FrontProtocol(BaseProtocol):
         self._idle_timer = self._loop.call_at(due, self._check_idle)
 
     def _next_request(self) -> None:
-        if self._closing or self.transport is None:
+        parser = self._request_parser
+        if self._closing or parser is None:  # None: closed or handed over
             return
         buffer = self._buffer
         end = buffer.find(HEAD_END)
@@ -203,7 +209,7 @@ class FrontProtocol(BaseProtocol):
             return
         head = buffer[: end + len(HEAD_END)]
         try:
-            messages, upgraded, _ = self._request_parser.feed_data(head)
+            messages, upgraded, _ = parser.feed_data(head)
         except HttpProcessingError:
             self._hand_over()
             return
@@ -242,8 +248,9 @@ class FrontProtocol(BaseProtocol):
             log.exception("%s %s: unexpected error", message.method, message.path)
         finally:
             self._task = None
-            if self._front.access_log is not None and self._answered is not None:
-                self._log_access(message, started)
+            answered, self._answered = self._answered, None
+            if self._front.access_log is not None and answered is not None:
+                self._log_access(message, answered, started)
         transport = self.transport
         if transport is None:
             return
@@ -323,7 +330,7 @@ class FrontProtocol(BaseProtocol):
             return keep_alive
         while True:
             try:
-                chunk = await reader.readany()
+                chunk = await read_piece(reader)
             except MID_RESPONSE_ERRORS as exc:
                 self._front.proxy.failed_mid_response(
                     exc, message.method, message.path, exchange.choice.backend
@@ -358,10 +365,14 @@ class FrontProtocol(BaseProtocol):
         await writer.write_headers(_status_line(message, status, reason), headers)
         return writer, keep_alive
 
-    def _log_access(self, message: RawRequestMessage, started: float) -> None:
-        assert self._front.access_log is not None and self._answered is not None
-        status, headers, writer = self._answered
-        self._answered = None
+    def _log_access(
+        self,
+        message: RawRequestMessage,
+        answered: tuple[int, CIMultiDict[str], StreamWriter],
+        started: float,
+    ) -> None:
+        assert self._front.access_log is not None
+        status, headers, writer = answered
         request = _LoggedRequest(
             self._peer, message.method, message.path, message.version, message.headers
         )

@@ -40,6 +40,7 @@ from .errors import (
 )
 from .headers import downstream_headers, origin_form, parse_networks, upstream_headers
 from .pool import Backend, Choice, Pool
+from .streaming import read_piece
 from .upstream import IDEMPOTENT_METHODS, Upstream, UpstreamResponse, describe_client_error
 
 log = logging.getLogger("stickylb.proxy")
@@ -168,7 +169,7 @@ class RequestBody:
     async def chunks(self) -> AsyncIterator[bytes]:
         self.started = True
         received = 0
-        async for chunk in self._content.iter_any():
+        while chunk := await read_piece(self._content):
             received += len(chunk)
             if self.limit is not None and received > self.limit:
                 self.too_large = True
@@ -373,7 +374,7 @@ class HttpProxy:
             await response.prepare(request)
             while True:
                 try:
-                    chunk = await reader.readany()
+                    chunk = await read_piece(reader)
                 except MID_RESPONSE_ERRORS as exc:
                     self.failed_mid_response(
                         exc, request.method, request.path, exchange.choice.backend

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import hashlib
 import json
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -432,3 +434,16 @@ async def until(predicate: Any, limit: float = 10.0, step: float = 0.05) -> None
 
 def backend_status(status: dict[str, Any], backend_id: Any) -> dict[str, Any]:
     return next(b for b in status["backends"] if b["id"] == backend_id)
+
+
+def cyclic_garbage() -> Counter[str]:
+    """Type names of the objects that only a garbage-collector pass would free (reference
+    cycles), found without freeing them. Callers disable automatic collection first."""
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        return Counter(type(found).__name__ for found in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.collect()

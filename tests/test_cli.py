@@ -250,3 +250,14 @@ def test_usage_error_without_config(tmp_path):
     proc = spawn(["-m", "stickylb"], tmp_path)
     assert proc.proc.wait(20) == 2
     assert "usage:" in proc.output
+
+
+def test_malloc_is_tuned_for_streaming_unless_the_operator_tuned_it(monkeypatch):
+    import platform
+
+    from stickylb.memory import tune_malloc
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1048576")
+    assert tune_malloc() is False  # the operator's setting wins
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    assert tune_malloc() is (platform.libc_ver()[0] == "glibc")

@@ -4,6 +4,7 @@ informational answers and close-delimited bodies, against raw socket backends on
 from __future__ import annotations
 
 import asyncio
+import gc
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -13,8 +14,9 @@ import trustme
 from aiohttp import web
 
 from stickylb.app import BALANCER_KEY
+from stickylb.upstream import BackendConnection
 
-from .support import balancer, lb_status, start_app, until
+from .support import balancer, cyclic_garbage, lb_status, start_app, until
 
 Answer = Callable[["RawBackend", int, bytes, asyncio.StreamWriter], Awaitable[bool]]
 
@@ -278,3 +280,27 @@ async def test_https_backend_with_an_untrusted_certificate_is_a_502():
                 assert "secret" not in await resp.text()
     finally:
         await runner.cleanup()
+
+
+async def test_a_connection_closed_with_an_answer_nobody_read_is_freed_at_once():
+    # The answer to a request abandoned just as it arrived (the client went away) stays
+    # queued on the connection and points back at it: a cycle holding its buffered body.
+    async def abandon_an_answer(url: str) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = url.removeprefix("http://").split(":")
+        _, protocol = await loop.create_connection(lambda: BackendConnection(loop), host, int(port))
+        protocol.set_response_params()
+        assert protocol.transport is not None
+        protocol.transport.write(b"GET / HTTP/1.1\r\nHost: raw\r\n\r\n")
+        await until(lambda: len(protocol) == 1)  # answered, queued, never read
+        protocol.close()
+
+    async with RawBackend(ok) as raw:
+        gc.collect()
+        gc.disable()
+        try:
+            await abandon_an_answer(raw.url)
+            await asyncio.sleep(0.05)  # the transport lets go once it has closed
+            assert cyclic_garbage()["BackendConnection"] == 0
+        finally:
+            gc.enable()
