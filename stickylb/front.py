@@ -127,8 +127,9 @@ class FrontProtocol(BaseProtocol):
     def __init__(self, front: FrontServer) -> None:
         super().__init__(front.loop)
         self._front = front
-        # Dropped when the connection ends: parser and writer point back at this protocol, and
-        # without the cycles a closed connection is freed at once rather than by a full GC pass.
+        # Both point back at this protocol, so neither outlives its use (the parser is dropped
+        # when the connection ends, the writer when its request does): without the cycles a
+        # closed connection is freed at once rather than by a rare full GC pass.
         self._request_parser: HttpRequestParser | None = HttpRequestParser(
             self,
             front.loop,
@@ -178,7 +179,6 @@ class FrontProtocol(BaseProtocol):
     def _forget(self) -> None:
         self._front.connections.discard(self)
         self._request_parser = None
-        self._answered = None
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None

@@ -4,11 +4,11 @@ By default glibc serves allocations of 128 KiB and more with their own ``mmap`` 
 threshold as it goes) and gives free memory at the top of the heap back to the kernel once
 twice that much is free. Every socket read of a large body is a new ``bytes`` of up to
 256 KiB, so under load the process kept returning memory and faulting it in again: with 1 MiB
-answers on uvloop, ~120,000 page faults a second and ~30 % more CPU per MiB relayed than with
-the settings below (``perf stat``, ``benchmarks/``). Allocations under 1 MiB now come from the
-heap and up to 8 MiB of free heap is kept for reuse: resident memory is higher by at most that,
-and it does not climb, because what is buffered per connection is bounded (``upstream.py``).
-An operator's own ``MALLOC_*`` settings win.
+answers on uvloop, ~120,000 page faults a second and a third or more CPU per MiB relayed than
+with the settings below (``perf stat``, ``benchmarks/``). Allocations under 1 MiB now come
+from the heap and up to 8 MiB of free heap is kept for reuse: resident memory is higher by at
+most that, and it does not climb, because what waits per connection is bounded
+(``upstream.BODY_BUFFER``). An operator's own ``MALLOC_*`` settings win.
 """
 
 from __future__ import annotations

@@ -343,7 +343,7 @@ async def test_closed_client_connections_are_freed_at_once():
                 await client.send(get("/download?size=16777216&length=1"))
                 await client.reader.readexactly(100_000)
             await until(lambda: not front.connections)
-            await asyncio.sleep(0.2)  # the abandoned answer's backend connection is closed
+            await asyncio.sleep(0.2)  # the cancelled request winds down
             assert cyclic_garbage()["FrontProtocol"] == 0
         finally:
             gc.enable()
