@@ -8,7 +8,7 @@ with ``FrontProtocol``, which handles *plain* requests itself: no body, no upgra
 ``Expect``, an origin-form target outside the admin prefix. For those it finds the end of the
 head, parses it with aiohttp's C request parser (the same parser and limits aiohttp's server
 uses), chooses a backend and sends the request exactly as ``HttpProxy.handle`` would (the
-``choose`` and ``send`` steps are shared), and writes the answer with aiohttp's
+``admit`` and ``send`` steps are shared), and writes the answer with aiohttp's
 ``StreamWriter`` (chunked framing, flow control).
 
 Everything else (a body, a WebSocket, the admin endpoints, a head the parser rejects, a

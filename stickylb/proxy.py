@@ -196,7 +196,7 @@ class HttpProxy:
     """Forwards plain HTTP requests; hands WebSocket upgrades to ``websocket_relay``.
 
     ``handle`` serves aiohttp's requests (``app.py``); ``front.py`` serves the common requests
-    of ``python -m stickylb`` itself, sharing ``choose`` and ``send`` with it.
+    of ``python -m stickylb`` itself, sharing ``admit`` and ``send`` with it.
     """
 
     def __init__(

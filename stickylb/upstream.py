@@ -101,7 +101,7 @@ class BackendConnection(ResponseHandler):
     stays armed and, when it fires early, re-arms for the current deadline. The response
     parser: aiohttp makes one per request; a kept connection keeps its own (one for HEAD, one
     for everything else, since a HEAD answer has no body to read). Resuming reads: only when
-    they were paused.
+    they were paused. And closing it leaves no reference cycle behind.
     """
 
     __slots__ = ("_deadline", "parser_for_head")
