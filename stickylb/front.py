@@ -8,8 +8,11 @@ with ``FrontProtocol``, which handles *plain* requests itself: no body, no upgra
 ``Expect``, an origin-form target outside the admin prefix. For those it finds the end of the
 head, parses it with aiohttp's C request parser (the same parser and limits aiohttp's server
 uses), chooses a backend and sends the request exactly as ``HttpProxy.handle`` would (the
-``admit`` and ``send`` steps are shared), and writes the answer with aiohttp's
-``StreamWriter`` (chunked framing, flow control).
+``admit`` and ``send`` steps are shared), and writes the answer itself: the head with the
+body when all of it came with the backend's head (one write), otherwise piece by piece as it
+arrives, chunked when the backend gave no length, pausing while the client's socket is full.
+The head is serialized like the request to the backend (``headers.serialize_head``), so header
+bytes that are not UTF-8 reach the client unchanged.
 
 Everything else (a body, a WebSocket, the admin endpoints, a head the parser rejects, a
 user-supplied ``unavailable.handler``) hands the connection to aiohttp's own request handler
@@ -33,7 +36,7 @@ from aiohttp import hdrs, web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
-from aiohttp.http_writer import HttpVersion, HttpVersion11, StreamWriter
+from aiohttp.http_writer import HttpVersion, HttpVersion11
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.tcp_helpers import tcp_keepalive
 from aiohttp.web_log import AccessLogger
@@ -42,7 +45,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from .app import BALANCER_KEY, handler_args
 from .config import Config
 from .errors import StickyLBError
-from .headers import downstream_headers
+from .headers import downstream_headers, serialize_head
 from .proxy import MID_RESPONSE_ERRORS, NO_BODY, Answer, Exchange, HttpProxy, Incoming
 from .streaming import read_piece
 
@@ -127,9 +130,9 @@ class FrontProtocol(BaseProtocol):
     def __init__(self, front: FrontServer) -> None:
         super().__init__(front.loop)
         self._front = front
-        # Both point back at this protocol, so neither outlives its use (the parser is dropped
-        # when the connection ends, the writer when its request does): without the cycles a
-        # closed connection is freed at once rather than by a rare full GC pass.
+        # The parser points back at this protocol, so it is dropped when the connection ends:
+        # without the cycle a closed connection is freed at once rather than by a rare full
+        # GC pass.
         self._request_parser: HttpRequestParser | None = HttpRequestParser(
             self,
             front.loop,
@@ -145,7 +148,8 @@ class FrontProtocol(BaseProtocol):
         self._buffer_full = False
         self._idle_since = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._answered: tuple[int, CIMultiDict[str], StreamWriter] | None = None
+        self._answered: tuple[int, CIMultiDict[str]] | None = None  # status and headers
+        self._sent = 0  # bytes of the answer written so far
 
     # --- the connection --------------------------------------------------------------------
 
@@ -234,6 +238,7 @@ class FrontProtocol(BaseProtocol):
 
     async def _serve(self, message: RawRequestMessage, head: bytes, started: float) -> None:
         keep_alive = False
+        self._sent = 0
         try:
             keep_alive = await self._respond(message)
             if keep_alive and self.writing_paused:
@@ -250,7 +255,7 @@ class FrontProtocol(BaseProtocol):
             self._task = None
             answered, self._answered = self._answered, None
             if self._front.access_log is not None and answered is not None:
-                self._log_access(message, answered, started)
+                self._log_access(message, answered, self._sent, started)
         transport = self.transport
         if transport is None:
             return
@@ -277,7 +282,7 @@ class FrontProtocol(BaseProtocol):
             try:
                 exchange = await proxy.send(incoming, message.path, choice, None)
             except StickyLBError as exc:
-                return await self._answer(message, Answer.error(exc))
+                return self._answer(message, Answer.error(exc))
             try:
                 return await self._relay(message, exchange)
             finally:
@@ -289,16 +294,13 @@ class FrontProtocol(BaseProtocol):
         unavailable = self._front.proxy.unavailable
         if unavailable.has_handler:
             raise HandOver()  # the user's handler takes an aiohttp request
-        return await self._answer(message, unavailable.fixed)
+        return self._answer(message, unavailable.fixed)
 
-    async def _answer(self, message: RawRequestMessage, answer: Answer) -> bool:
+    def _answer(self, message: RawRequestMessage, answer: Answer) -> bool:
         headers = CIMultiDict({hdrs.CONTENT_TYPE: answer.content_type})
         headers[hdrs.CONTENT_LENGTH] = str(len(answer.body))
-        body = b"" if message.method == "HEAD" else answer.body
-        writer, keep_alive = await self._start(
-            message, answer.status, "", headers, not message.should_close
-        )
-        await writer.write_eof(body)
+        head, keep_alive = self._head(message, answer.status, "", headers, not message.should_close)
+        self._send(head, b"" if message.method == "HEAD" else answer.body)
         return keep_alive
 
     async def _relay(self, message: RawRequestMessage, exchange: Exchange) -> bool:
@@ -306,77 +308,93 @@ class FrontProtocol(BaseProtocol):
         headers = downstream_headers(upstream.headers)
         self._front.proxy.forwarding.mark(headers, exchange.choice)
         reader = upstream.content
+        status, reason = upstream.status, upstream.reason
         keep_alive = not message.should_close
-        bodiless = message.method == "HEAD" or upstream.status in NO_BODY
-        whole: bytes | None = None  # the body, when all of it is here already
-        chunked = False
-        if bodiless:
-            whole = b""
-        elif reader.is_eof():
+        if message.method == "HEAD" or status in NO_BODY:
+            head, keep_alive = self._head(message, status, reason, headers, keep_alive)
+            self._send(head)
+            return keep_alive
+        if reader.is_eof():
             # Typical for small answers: head and body go out in one write.
-            whole = reader.read_nowait()
-            headers[hdrs.CONTENT_LENGTH] = str(len(whole))
-        elif hdrs.CONTENT_LENGTH not in headers:
+            body = reader.read_nowait()
+            headers[hdrs.CONTENT_LENGTH] = str(len(body))
+            head, keep_alive = self._head(message, status, reason, headers, keep_alive)
+            self._send(head, body)
+            return keep_alive
+        chunked = False
+        if hdrs.CONTENT_LENGTH not in headers:
             if message.version >= HttpVersion11:
                 headers[hdrs.TRANSFER_ENCODING] = "chunked"
                 chunked = True
             else:
                 keep_alive = False  # an HTTP/1.0 client reads the body until we close
-        writer, keep_alive = await self._start(
-            message, upstream.status, upstream.reason, headers, keep_alive, chunked=chunked
-        )
-        if whole is not None:
-            await writer.write_eof(whole)
-            return keep_alive
+        head, keep_alive = self._head(message, status, reason, headers, keep_alive)
+        return await self._stream(message, exchange, head, chunked) and keep_alive
+
+    async def _stream(
+        self, message: RawRequestMessage, exchange: Exchange, head: bytes, chunked: bool
+    ) -> bool:
+        """Relay a body piece by piece as it arrives, the head with the first piece; False
+        when the backend failed midway."""
+        reader = exchange.response.content
         while True:
             try:
-                chunk = await read_piece(reader)
+                piece = await read_piece(reader)
             except MID_RESPONSE_ERRORS as exc:
                 self._front.proxy.failed_mid_response(
                     exc, message.method, message.path, exchange.choice.backend
                 )
                 return False  # closing shows the client its answer was cut short
-            if not chunk:
+            if not piece:
                 break
-            await writer.write(chunk)
-        await writer.write_eof()
-        return keep_alive
+            if chunked:
+                self._send(head, b"%x\r\n" % len(piece), piece, b"\r\n")
+            else:
+                self._send(head, piece)
+            head = b""
+            if self.writing_paused:
+                await self._drain_helper()
+        self._send(head, b"0\r\n\r\n" if chunked else b"")
+        return True
 
-    async def _start(
+    def _head(
         self,
         message: RawRequestMessage,
         status: int,
         reason: str,
         headers: CIMultiDict[str],
         keep_alive: bool,
-        *,
-        chunked: bool = False,
-    ) -> tuple[StreamWriter, bool]:
-        """Set the connection headers and hand the status line and headers to a writer (they
-        go out with the first body bytes); the writer and whether to keep the connection."""
+    ) -> tuple[bytes, bool]:
+        """The status line and headers, with the connection headers set; and whether to keep
+        the connection."""
         if keep_alive and message.version < HttpVersion11:
             headers[hdrs.CONNECTION] = "keep-alive"
         elif not keep_alive and message.version >= HttpVersion11:
             headers[hdrs.CONNECTION] = "close"
-        writer = StreamWriter(self, self._loop)
-        if chunked:
-            writer.enable_chunking()
-        self._answered = (status, headers, writer)
-        await writer.write_headers(_status_line(message, status, reason), headers)
-        return writer, keep_alive
+        self._answered = (status, headers)
+        return serialize_head(_status_line(message, status, reason), headers), keep_alive
+
+    def _send(self, *parts: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            raise ConnectionResetError("the client disconnected")
+        for part in parts:
+            self._sent += len(part)
+        transport.writelines(parts)
 
     def _log_access(
         self,
         message: RawRequestMessage,
-        answered: tuple[int, CIMultiDict[str], StreamWriter],
+        answered: tuple[int, CIMultiDict[str]],
+        sent: int,
         started: float,
     ) -> None:
         assert self._front.access_log is not None
-        status, headers, writer = answered
+        status, headers = answered
         request = _LoggedRequest(
             self._peer, message.method, message.path, message.version, message.headers
         )
-        answer = _LoggedAnswer(status, writer.output_size, headers)
+        answer = _LoggedAnswer(status, sent, headers)
         self._front.access_log.log(request, answer, self._loop.time() - started)  # type: ignore[arg-type]
 
     # --- shutdown ------------------------------------------------------------------------------

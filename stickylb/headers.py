@@ -12,6 +12,7 @@ import functools
 import ipaddress
 from collections.abc import Iterable, Mapping
 
+from aiohttp.http_writer import _serialize_headers
 from multidict import CIMultiDict, CIMultiDictProxy
 
 HOP_BY_HOP_HEADERS = frozenset(
@@ -120,3 +121,16 @@ def origin_form(raw_target: str) -> str | None:
     if not target.startswith("/"):
         target = "/" + target
     return target
+
+
+def serialize_head(first_line: str, headers: CIMultiDict[str]) -> bytes:
+    """A request or status line and headers, ready to write. Every part came through aiohttp's
+    parsers (or from our own code), so none can hold CR or LF."""
+    if first_line.isascii() and "".join(headers.values()).isascii():
+        return _serialize_headers(first_line, headers)  # aiohttp's, in C
+    # Non-ASCII: the parsers kept bytes that are not UTF-8 as surrogates, which aiohttp's
+    # serializer would drop; encoding them back passes on the sender's very bytes.
+    lines = [first_line + "\r\n"]
+    lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")

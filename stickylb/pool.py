@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -112,6 +112,10 @@ class Pool:
         self._fail_window = fail_window
         self._listeners: list[Listener] = []
         self.on_release: Callable[[], None] = lambda: None  # e.g. wake requests queued for a slot
+        # Who may get new clients changes only with health (``_announce``), so it is worked out
+        # then, not per request; only connection limits still need a look per request.
+        self._balanced = self._up_and_weighted()
+        self._limited = any(b.config.max_connections is not None for b in self.backends)
 
     @classmethod
     def from_config(cls, config: Config) -> Pool:
@@ -153,7 +157,9 @@ class Pool:
         pinned = self._by_token.get(token) if token else None
         if pinned is not None and pinned.available and pinned not in exclude:
             return Choice(pinned, repinned=False)
-        candidates = [b for b in self.backends if b.available and b.weight > 0 and b not in exclude]
+        candidates: Sequence[Backend] = self._balanced
+        if self._limited or exclude:
+            candidates = [b for b in candidates if not b.full and b not in exclude]
         if not candidates:
             return None
         return Choice(self._strategy.pick(candidates), repinned=True)
@@ -196,8 +202,12 @@ class Pool:
             if backend.tracker.force_down(reason):
                 self._announce(backend, time.time())
 
+    def _up_and_weighted(self) -> tuple[Backend, ...]:
+        return tuple(b for b in self.backends if b.healthy and b.weight > 0)
+
     def _announce(self, backend: Backend, now: float) -> None:
         backend.last_change = now
+        self._balanced = self._up_and_weighted()
         change = StateChange(backend, backend.healthy, backend.tracker.last_reason, now)
         if change.healthy:
             log.info("backend %s is UP (%s)", backend.id, backend.url)

@@ -48,17 +48,20 @@ class SmoothWeightedRoundRobin:
         self._scores: dict[Hashable, float] = {}
 
     def pick(self, candidates: Sequence[B]) -> B:
+        scores = self._scores
         total = 0.0
         best: B | None = None
+        best_key: Hashable = None
         best_score = 0.0
         for backend in candidates:
-            score = self._scores.get(backend.key, 0.0) + backend.weight
-            self._scores[backend.key] = score
-            total += backend.weight
+            key, weight = backend.key, backend.weight
+            score = scores.get(key, 0.0) + weight
+            scores[key] = score
+            total += weight
             if best is None or score > best_score:
-                best, best_score = backend, score
+                best, best_key, best_score = backend, key, score
         assert best is not None
-        self._scores[best.key] = best_score - total
+        scores[best_key] = best_score - total
         return best
 
 

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_writer import _serialize_headers
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .durations import format_ms
 from .errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
+from .headers import serialize_head
 from .pool import Backend
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -78,20 +78,6 @@ def describe_client_error(
     if isinstance(exc, aiohttp.ClientResponseError | HttpProcessingError):
         return UpstreamError("invalid HTTP response", request_sent=True)
     return UpstreamError(type(exc).__name__, request_sent=True)
-
-
-def request_head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:
-    """The request line and headers, ready to write. Every part came through aiohttp's parser
-    (or from our own code), so none can hold CR or LF."""
-    request_line = f"{method} {target} HTTP/1.1"
-    if request_line.isascii() and "".join(headers.values()).isascii():
-        return _serialize_headers(request_line, headers)  # aiohttp's, in C
-    # Non-ASCII: the parser kept bytes that are not UTF-8 as surrogates, which aiohttp's
-    # serializer would drop; encoding them back gives the backend the client's very bytes.
-    lines = [request_line + "\r\n"]
-    lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
-    lines.append("\r\n")
-    return "".join(lines).encode("utf-8", "surrogateescape")
 
 
 class BackendConnection(ResponseHandler):
@@ -211,13 +197,13 @@ class Connections:
     def target(self, origin_form: str) -> str:
         return self._prefix + origin_form
 
-    async def take(self) -> tuple[BackendConnection, bool]:
-        """A connection and whether it is a reused one."""
+    def reuse(self) -> BackendConnection | None:
+        """The most recently kept connection that is still open, if any."""
         while self._idle:
             protocol, _ = self._idle.pop()
             if protocol.is_connected():
-                return protocol, True
-        return await self.open(), False
+                return protocol
+        return None
 
     async def open(self) -> BackendConnection:
         loop = asyncio.get_running_loop()
@@ -302,9 +288,12 @@ class Upstream:
             headers.setdefault("Content-Length", "0")
         if not self._settings.keep_alive:
             headers["Connection"] = "close"
-        head = request_head(method, connections.target(target), headers)
+        head = serialize_head(f"{method} {connections.target(target)} HTTP/1.1", headers)
         replayable = body is None and method in IDEMPOTENT_METHODS
-        protocol, reused = await connections.take()
+        protocol = connections.reuse()
+        reused = protocol is not None
+        if protocol is None:
+            protocol = await connections.open()
         try:
             return await self._exchange(connections, protocol, method, head, headers, body)
         except UpstreamError as exc:

@@ -6,9 +6,11 @@ answers 101 does the client get its 101, carrying the backend's handshake answer
 cookie. A backend that refuses gives the client a 502 instead, and one that cannot be reached
 is retried on another.
 
-After the handshake the relay is a tunnel, as in HAProxy and nginx: frames pass through
-byte for byte, in both directions, from inside each connection's ``data_received`` (no task, no
-decoding, no re-encoding). Each direction has a ``FrameTracker`` that follows frame headers
+After the handshake the relay is a tunnel, as in HAProxy and nginx: each connection's protocol
+becomes a ``TunnelEnd`` (aiohttp's protocols step aside), and frames pass through byte for byte,
+in both directions, from inside ``data_received`` (no task, no decoding, no re-encoding). When
+one connection's send buffer is full, the other is not read until it drains: memory stays
+bounded whichever side is slow. Each direction has a ``FrameTracker`` that follows frame headers
 only: it enforces ``websocket.maxMessageSize`` (close 1009) and tells where a frame of our own
 may go. Close frames, pings and pongs are the peers' own and travel end to end. The proxy
 speaks only to end a tunnel itself (idle timeout or shutdown: 1001; oversize: 1009), writing a
@@ -142,27 +144,23 @@ class Tunnel:
     ) -> None:
         loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[None] = loop.create_future()
-        self._client = client
-        self._backend = backend
-        self._activity = 0
         self._idle = idle
-        # What each side has been sent so far, frame-wise (a close of ours must not land
-        # inside a frame): the client is sent the backend's frames and the other way round.
-        self._to_client = Direction(self, backend, client, FrameTracker(max_message))
-        self._to_backend = Direction(self, client, backend, FrameTracker(max_message))
+        self._client = TunnelEnd(self, client, FrameTracker(max_message))
+        self._backend = TunnelEnd(self, backend, FrameTracker(max_message))
+        self._client.peer, self._backend.peer = self._backend, self._client
         self._idle_timer = loop.call_later(idle, self._check_idle) if idle else None
-        # Both protocols hand any bytes that arrived with the handshake to the parser at once.
         backend.read_timeout = None  # type: ignore[attr-defined]  # an idle gap is ours to judge
-        backend.set_parser(self._to_client, self._to_client)  # type: ignore[attr-defined]
-        client.set_parser(self._to_backend)  # type: ignore[attr-defined]
         client.keep_alive(False)  # type: ignore[attr-defined]
-
-    def touch(self) -> None:
-        self._activity += 1
+        # Bytes that came with the handshake are handed over as parser input, then each
+        # connection's reads go to its end directly, without aiohttp's protocol in between.
+        backend.set_parser(self._backend, None)  # type: ignore[attr-defined]
+        client.set_parser(self._client)  # type: ignore[attr-defined]
+        self._backend.install()
+        self._client.install()
 
     def _check_idle(self) -> None:
-        if self._activity:
-            self._activity = 0
+        if self._client.active or self._backend.active:
+            self._client.active = self._backend.active = False
             assert self._idle is not None
             self._idle_timer = asyncio.get_running_loop().call_later(self._idle, self._check_idle)
         else:
@@ -173,79 +171,94 @@ class Tunnel:
         Does nothing once the tunnel is closed (so a peer's own close is never overridden)."""
         if self.closed.done():
             return
-        for direction, masked in ((self._to_client, False), (self._to_backend, True)):
-            transport = direction.sink.transport
-            if transport is not None and direction.between_frames:
-                transport.write(close_frame(code, reason, masked=masked))
+        # Each end has passed its reads to the other: that decides where the other's stream is.
+        for sender, receiver, masked in (
+            (self._backend, self._client, False),
+            (self._client, self._backend, True),
+        ):
+            if receiver.transport is not None and sender.between_frames:
+                receiver.transport.write(close_frame(code, reason, masked=masked))
         self.hang_up()
 
     def hang_up(self) -> None:
         """Close both connections (after what is queued for them is written)."""
         if self._idle_timer is not None:
             self._idle_timer.cancel()
-        for protocol in (self._client, self._backend):
-            if protocol.transport is not None:
-                protocol.transport.close()
+        for end in (self._client, self._backend):
+            if end.transport is not None:
+                end.transport.close()
         if not self.closed.done():
             self.closed.set_result(None)
 
 
-class Direction:
-    """One direction of a tunnel, installed as the source connection's payload parser: every
-    read from ``source`` is written to ``sink`` as it came. While the sink cannot take more,
-    the source stops being read."""
+class TunnelEnd(asyncio.Protocol):
+    """One connection of a tunnel, which becomes its protocol once the handshake is done:
+    every read is written to the peer end's connection as it came, and while that connection
+    cannot take more, this one is not read (the transport's own flow control, both ways).
 
-    __slots__ = ("_tunnel", "between_frames", "frames", "sink", "source")
+    ``origin`` is the aiohttp protocol the connection had; it is still told when the
+    connection is lost, so aiohttp's server and our backend connection clean up as usual."""
 
-    def __init__(
-        self, tunnel: Tunnel, source: BaseProtocol, sink: BaseProtocol, frames: FrameTracker
-    ) -> None:
+    __slots__ = ("_origin", "_tunnel", "active", "between_frames", "frames", "peer", "transport")
+
+    def __init__(self, tunnel: Tunnel, origin: BaseProtocol, frames: FrameTracker) -> None:
         self._tunnel = tunnel
-        self.source = source
-        self.sink = sink
+        self._origin = origin
+        self.transport = origin.transport
         self.frames = frames
-        self.between_frames = True  # whether what the sink got so far ends with a whole frame
+        self.peer: TunnelEnd = self
+        self.active = False  # read since the idle timer last looked
+        self.between_frames = True  # whether what this end passed on ends with a whole frame
 
-    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
-        tunnel = self._tunnel
-        tunnel.touch()
-        sink = self.sink.transport
+    def install(self) -> None:
+        if self.transport is None:  # lost during the handshake: the origin saw it
+            self._tunnel.hang_up()
+            return
+        self.transport.set_protocol(self)
+        if self._origin.writing_paused:
+            self.pause_writing()  # resume_writing now comes to us
+
+    def data_received(self, data: bytes) -> None:
+        self.active = True
+        sink = self.peer.transport
         if sink is None:
-            return False, b""
+            return
         if self.frames.feed(data):
-            # Nothing of this read goes out, so the sink stays where it was, frame-wise.
-            tunnel.close(WSCloseCode.MESSAGE_TOO_BIG, "message too big")
-            return False, b""
+            # Nothing of this read goes out, so the peer stays where it was, frame-wise.
+            self._tunnel.close(WSCloseCode.MESSAGE_TOO_BIG, "message too big")
+            return
         sink.write(data)
         self.between_frames = self.frames.at_boundary
-        if self.sink.writing_paused:
-            self._pause_source()
+
+    def pause_writing(self) -> None:
+        # This connection's send buffer is full of what the peer sent: stop reading the peer.
+        if self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+    def eof_received(self) -> None:
+        pass  # the transport closes itself, and connection_lost hangs up the peer
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.transport = None
+        self._origin.connection_lost(exc)
+        self._tunnel.hang_up()
+        # Nothing calls this end any more. Without its links back, the tunnel and both
+        # connections are freed by reference counting, not by a rare full GC pass.
+        del self._tunnel, self._origin, self.peer
+
+    # As the origin's payload parser (only for the bytes that came with the handshake, and
+    # for the origin's own end-of-connection calls).
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self.data_received(data)
         return False, b""
 
-    def _pause_source(self) -> None:
-        source = self.source.transport
-        if source is None:
-            return
-        source.pause_reading()
-
-        async def resume_when_drained() -> None:
-            try:
-                await self.sink._drain_helper()
-            except ConnectionError:
-                return
-            if self.source.transport is not None:
-                self.source.transport.resume_reading()
-
-        task = asyncio.get_running_loop().create_task(resume_when_drained())
-        _background.add(task)
-        task.add_done_callback(_background.discard)
-
     def feed_eof(self) -> None:
-        """The source connection is gone: hang up the other one too."""
         self._tunnel.hang_up()
 
     def set_exception(self, exc: BaseException, exc_cause: Any = None) -> None:
         self._tunnel.hang_up()
-
-
-_background: set[asyncio.Task[None]] = set()  # keeps resume tasks referenced until they finish

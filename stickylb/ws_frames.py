@@ -27,46 +27,47 @@ class FrameTracker:
     True
     """
 
-    __slots__ = ("_head", "_limit", "_message", "_skip")
+    __slots__ = ("_head", "_limit", "_message", "_skip", "at_boundary")
 
     def __init__(self, limit: int | None) -> None:
         self._limit = limit
         self._head = b""  # a frame header split across reads
         self._skip = 0  # payload bytes left in the current frame
         self._message = 0  # bytes so far in the current (possibly fragmented) message
-
-    @property
-    def at_boundary(self) -> bool:
-        return not self._skip and not self._head
+        self.at_boundary = True  # whether everything fed so far ends with a whole frame
 
     def feed(self, data: bytes) -> bool:
         """Follow ``data``; True when a message has grown past the limit."""
         pos, end = 0, len(data)
-        while pos < end:
-            if self._skip:
-                step = min(self._skip, end - pos)
-                self._skip -= step
+        skip, head = self._skip, self._head
+        while True:
+            if skip:  # payload: passed over, never read
+                step = min(skip, end - pos)
+                skip -= step
                 pos += step
-                continue
-            if self._head:  # a header split across reads: complete it from this one
-                known = len(self._head)
-                buffer, at = self._head + data[pos : pos + _MAX_HEADER - known], 0
+            if pos >= end:
+                break
+            if head:  # a header split across reads: complete it from this one
+                known = len(head)
+                buffer, at = head + data[pos : pos + _MAX_HEADER - known], 0
             else:  # the usual case: the header is in ``data`` itself, read in place
                 known, buffer, at = 0, data, pos
             frame = _frame_header(buffer, at)
             if frame is None:
-                self._head = buffer[at:]  # the rest of the header comes with the next read
-                return False
+                head = buffer[at:]  # the rest of the header comes with the next read
+                break
             size, first, length = frame
             pos += size - known
-            self._head = b""
+            head = b""
             if not first & _CONTROL:
                 self._message += length
                 if self._limit is not None and self._message > self._limit:
                     return True
                 if first & _FINAL:
                     self._message = 0
-            self._skip = length
+            skip = length
+        self._skip, self._head = skip, head
+        self.at_boundary = not skip and not head
         return False
 
 

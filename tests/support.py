@@ -172,6 +172,13 @@ def backend_app(name: str) -> web.Application:
                     _, code, reason = msg.data.split(":", 2)
                     await sock.close(code=int(code), message=reason.encode())
                     break
+                if msg.data.startswith("nap:"):  # stop reading for a while, then count
+                    await asyncio.sleep(float(msg.data.split(":", 1)[1]))
+                    got = 0
+                    while (msg := await sock.receive()).type == aiohttp.WSMsgType.BINARY:
+                        got += 1
+                    await sock.send_str(f"got:{got}")  # on the first message that is not binary
+                    continue
                 if msg.data.startswith("flood:"):  # that many 64 KiB binary messages
                     block = bytes(range(256)) * 256
                     for _ in range(int(msg.data.split(":", 1)[1])):

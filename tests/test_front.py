@@ -229,6 +229,32 @@ async def test_header_bytes_that_are_not_utf8_reach_the_backend_unchanged():
         assert "\r\nX-Name: José\r\n".encode() in raw.requests[1]
 
 
+async def odd_headers(
+    backend: RawBackend, nth: int, request: bytes, writer: asyncio.StreamWriter
+) -> bool:
+    """Answers with header bytes that are not UTF-8: whole the first time, then streamed."""
+    head = b"HTTP/1.1 200 OK\r\nX-Odd: caf\xe9 \xff\r\n"
+    if nth == 1:
+        writer.write(head + b"Content-Length: 2\r\n\r\nok")
+    else:
+        writer.write(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the head arrives alone: the answer is streamed
+        writer.write(b"2\r\nok\r\n0\r\n\r\n")
+    await writer.drain()
+    return True
+
+
+async def test_header_bytes_that_are_not_utf8_reach_the_client_unchanged():
+    async with RawBackend(odd_headers) as raw, balancer(raw_config(raw)) as lb:
+        async with raw_client(lb.url) as client:
+            for _ in ("whole", "streamed"):
+                await client.send(get("/x"))
+                reply = await client.reply()
+                assert (reply.status, reply.body) == (200, b"ok")
+                assert reply.headers["x-odd"] == "caf\xe9 \xff"  # the bytes, read as latin-1
+
+
 async def test_a_websocket_upgrade_after_a_plain_request_on_one_connection():
     async with backends("a") as servers, balancer(lb_config(*servers)) as lb:
         async with raw_client(lb.url) as client:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import os
 import struct
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from stickylb.ws_frames import FrameTracker, close_frame
 
-from .support import backends, balancer, one_backend, spawn_balancer
+from .support import backends, balancer, cyclic_garbage, one_backend, spawn_balancer
 
 BLOCK = 64 * 1024
 
@@ -158,3 +159,52 @@ async def test_a_websocket_reader_that_stalls_is_flow_controlled(tmp_path):
             assert grown < 30 * 1024, grown
         finally:
             assert proc.stop() == 0
+
+
+async def test_a_backend_that_stops_reading_holds_the_client_back(tmp_path):
+    count = 1600  # 100 MiB
+    block = os.urandom(BLOCK)
+    async with backends("a") as servers:
+        proc = spawn_balancer(one_backend(servers[0]), tmp_path)
+        try:
+            async with aiohttp.ClientSession() as client:
+                async with client.ws_connect(proc.url + "/ws") as ws:
+                    assert await ws.receive_str() == "hello from a"
+                    baseline = proc.rss_kib("VmRSS")
+                    await ws.send_str("nap:2")
+
+                    async def send_all() -> None:
+                        for _ in range(count):
+                            await ws.send_bytes(block)
+                        await ws.send_str("count?")
+
+                    sender = asyncio.create_task(send_all())
+                    await asyncio.sleep(1.5)  # the client could have sent it all by now
+                    grown = proc.rss_kib("VmRSS") - baseline
+                    assert not sender.done()  # held back by the proxy, not buffered for
+                    await asyncio.wait_for(sender, 30)
+                    assert await asyncio.wait_for(ws.receive_str(), 30) == f"got:{count}"
+            assert grown < 30 * 1024, grown
+        finally:
+            assert proc.stop() == 0
+
+
+async def test_a_closed_websocket_is_freed_at_once():
+    # Tunnels live long, so a cycle would hold both connections until a full GC pass.
+    async with backends("a") as servers, balancer(one_backend(servers[0])) as lb:
+        gc.collect()
+        gc.disable()
+        try:
+            async with aiohttp.ClientSession() as client:
+                for closed_by_backend in (False, True):
+                    async with client.ws_connect(lb.url + "/ws") as ws:
+                        assert await ws.receive_str() == "hello from a"
+                        if closed_by_backend:
+                            await ws.send_str("close:4000:bye")
+                            assert (await ws.receive()).type is WSMsgType.CLOSE
+            await asyncio.sleep(0.3)  # both connections are lost by now
+            garbage = cyclic_garbage()
+            kinds = ("Tunnel", "TunnelEnd", "RequestHandler", "BackendConnection")
+            assert {kind: garbage[kind] for kind in kinds} == dict.fromkeys(kinds, 0)
+        finally:
+            gc.enable()
