@@ -12,7 +12,6 @@ import struct
 
 _CONTROL = 0x8  # opcodes 8-15 are control frames; they never belong to a message
 _FINAL = 0x80  # FIN: the last frame of a message
-_MAX_HEADER = 14  # 2 + 8 bytes of length + 4 of mask
 
 
 class FrameTracker:
@@ -31,61 +30,43 @@ class FrameTracker:
 
     def __init__(self, limit: int | None) -> None:
         self._limit = limit
-        self._head = b""  # a frame header split across reads
-        self._skip = 0  # payload bytes left in the current frame
+        self._head = b""  # the start of a frame header whose length field is cut short
+        self._skip = 0  # bytes left in the current frame (the mask, then the payload)
         self._message = 0  # bytes so far in the current (possibly fragmented) message
         self.at_boundary = True  # whether everything fed so far ends with a whole frame
 
     def feed(self, data: bytes) -> bool:
         """Follow ``data``; True when a message has grown past the limit."""
-        pos, end = 0, len(data)
-        skip, head = self._skip, self._head
-        while True:
-            if skip:  # payload: passed over, never read
-                step = min(skip, end - pos)
-                skip -= step
-                pos += step
-            if pos >= end:
+        if self._head:  # a header split across reads: joined to this one (rare, < 10 bytes)
+            data, self._head = self._head + data, b""
+        pos, end = self._skip, len(data)
+        while pos < end:
+            # Only the first two bytes and the length field are read; the mask and the
+            # payload are skipped like the rest of the frame.
+            if end - pos < 2:
                 break
-            if head:  # a header split across reads: complete it from this one
-                known = len(head)
-                buffer, at = head + data[pos : pos + _MAX_HEADER - known], 0
-            else:  # the usual case: the header is in ``data`` itself, read in place
-                known, buffer, at = 0, data, pos
-            frame = _frame_header(buffer, at)
-            if frame is None:
-                head = buffer[at:]  # the rest of the header comes with the next read
-                break
-            size, first, length = frame
-            pos += size - known
-            head = b""
+            first, second = data[pos], data[pos + 1]
+            length = second & 0x7F
+            size = 6 if second & 0x80 else 2  # the header, with the mask if any
+            if length > 125:
+                extra = 2 if length == 126 else 8
+                if end - pos < 2 + extra:
+                    break
+                length = int.from_bytes(data[pos + 2 : pos + 2 + extra], "big")
+                size += extra
             if not first & _CONTROL:
                 self._message += length
                 if self._limit is not None and self._message > self._limit:
                     return True
                 if first & _FINAL:
                     self._message = 0
-            skip = length
-        self._skip, self._head = skip, head
-        self.at_boundary = not skip and not head
+            pos += size + length
+        if pos < end:  # the length field is cut short: the rest comes with the next read
+            self._head, self._skip = data[pos:], 0
+        else:
+            self._skip = pos - end
+        self.at_boundary = pos == end
         return False
-
-
-def _frame_header(buffer: bytes, at: int) -> tuple[int, int, int] | None:
-    """The frame header starting at ``buffer[at]``: (its size, its first byte, the payload
-    length), or None when the buffer ends before the header does."""
-    available = len(buffer) - at
-    if available < 2:
-        return None
-    second = buffer[at + 1]
-    length = second & 0x7F
-    extra = 2 if length == 126 else 8 if length == 127 else 0
-    size = 2 + extra + (4 if second & 0x80 else 0)
-    if available < size:
-        return None
-    if extra:
-        length = int.from_bytes(buffer[at + 2 : at + 2 + extra], "big")
-    return size, buffer[at], length
 
 
 def close_frame(code: int, reason: str = "", *, masked: bool) -> bytes:

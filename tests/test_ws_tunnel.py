@@ -39,7 +39,11 @@ def frame(payload: bytes, *, opcode: int = 2, final: bool = True, masked: bool =
 @settings(max_examples=200, deadline=None)
 @given(
     messages=st.lists(
-        st.tuples(st.lists(st.integers(0, 300), min_size=1, max_size=4), st.booleans()),
+        st.tuples(
+            st.lists(st.integers(0, 300) | st.just(70_000), min_size=1, max_size=4),
+            st.booleans(),
+            st.booleans(),
+        ),
         min_size=1,
         max_size=6,
     ),
@@ -48,24 +52,29 @@ def frame(payload: bytes, *, opcode: int = 2, final: bool = True, masked: bool =
 )
 def test_frame_tracker_follows_any_split_of_any_frames(messages, cuts, limit):
     stream = b""
+    ends = {0}  # where a frame ends: the only places the tracker may say it is between frames
     over = False
-    for fragments, with_ping in messages:
+    for fragments, with_ping, masked in messages:
         total = 0
         for i, size in enumerate(fragments):
             opcode = 1 if i == 0 else 0
-            stream += frame(b"x" * size, opcode=opcode, final=i == len(fragments) - 1)
+            final = i == len(fragments) - 1
+            stream += frame(b"x" * size, opcode=opcode, final=final, masked=masked)
+            ends.add(len(stream))
             total += size
             over = over or total > limit
             if with_ping:  # control frames may sit between fragments and never count
-                stream += frame(b"p" * 5, opcode=9)
+                stream += frame(b"p" * 5, opcode=9, masked=masked)
+                ends.add(len(stream))
     tracker = FrameTracker(limit)
     flagged = False
     pos = 0
     for cut in [*cuts, len(stream)]:
-        chunk, pos = stream[pos : pos + cut], pos + cut
+        chunk, pos = stream[pos : pos + cut], min(pos + cut, len(stream))
         if chunk and tracker.feed(chunk):
             flagged = True
             break
+        assert tracker.at_boundary == (pos in ends), pos
     assert flagged == over
     if not over:
         assert tracker.at_boundary
