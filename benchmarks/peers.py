@@ -176,6 +176,17 @@ def start_stickylb(
     return http
 
 
+def start_relay(ports: list[int], ws_port: int) -> Running:
+    """``benchmarks.relay`` (the floor of any proxy on asyncio's loop) to the first backend."""
+    port, wsp = free_port(), free_port()
+    command = [sys.executable, "-m", "benchmarks.relay"]
+    http = start([*command, str(port), str(ports[0])], port, "relay", PROXY_CORE, cwd=str(ROOT))
+    ws = start([*command, str(wsp), str(ws_port)], wsp, "relay-ws", PROXY_CORE, cwd=str(ROOT))
+    http.procs += ws.procs
+    http.ws_port, http.ws_pid = ws.port, ws.http_pid
+    return http
+
+
 def start_haproxy(workdir: Path, ports: list[int], ws_port: int) -> Running:
     port, wsp = free_port(), free_port()
     servers = "\n".join(

@@ -1,14 +1,15 @@
 """Run the benchmarks and print a table of medians with ratios; write the results as JSON.
 
     python -m benchmarks.run                 # full: every peer installed, 3 interleaved repeats
-    python -m benchmarks.run --smoke         # a few seconds, stickylb and the direct backend only
+    python -m benchmarks.run --smoke         # a few seconds: direct backend, stickylb, relay
     python -m benchmarks.run --soak 600      # add a 10-minute mixed-load memory soak
 
-Peers: the direct backend (the limit), stickylb on asyncio and on uvloop, HAProxy and nginx when
-their system packages are installed (configs written and processes started here). Backends are
-nginx serving fixed bodies when installed, an aiohttp app otherwise; WebSocket echo always uses
-the aiohttp app. The proxy runs on core 0, load and backends on core 1 (when there are two).
-Everything listens on 127.0.0.1 and every run is bounded in time.
+Peers: the direct backend (the limit), stickylb on asyncio and on uvloop, ``asyncio-relay``
+(``benchmarks/relay.py``: a bare TCP relay, the floor of any proxy on asyncio's loop), HAProxy
+and nginx when their system packages are installed (configs written and processes started
+here). Backends are nginx serving fixed bodies when installed, an aiohttp app otherwise;
+WebSocket echo always uses the aiohttp app. The proxy runs on core 0, load and backends on
+core 1 (when there are two). Everything listens on 127.0.0.1 and every run is bounded in time.
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ def verdicts(results: dict[str, dict[str, list[float]]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="a few seconds, no peers")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds, no external peers")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--idle-ws", type=int, default=5000, help="idle WebSockets to open")
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         started["stickylb-asyncio"] = peers.start_stickylb(
             workdir, ports, ws_backend.port, "asyncio"
         )
+        started["asyncio-relay"] = peers.start_relay(ports, ws_backend.port)
         if not args.smoke:
             try:
                 import uvloop  # noqa: F401
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {repeat + 1}/{args.repeats}: {name}", file=sys.stderr, flush=True)
                 measure(name, running, args, results)
         for name, running in started.items():
-            if name != "direct" and args.idle_ws > 0:
+            if name not in ("direct", "asyncio-relay") and args.idle_ws > 0:
                 kib = asyncio.run(
                     load.idle_websockets(
                         f"http://127.0.0.1:{running.ws_port}/ws", running.ws_pid, args.idle_ws
