@@ -349,8 +349,10 @@ class FrontProtocol(BaseProtocol):
                 break
             if chunked:
                 self._send(head, b"%x\r\n" % len(piece), piece, b"\r\n")
-            else:
+            elif head:
                 self._send(head, piece)
+            else:
+                self._send(piece)  # alone, so not copied into a joined buffer
             head = b""
             if self.writing_paused:
                 await self._drain_helper()
@@ -380,7 +382,10 @@ class FrontProtocol(BaseProtocol):
             raise ConnectionResetError("the client disconnected")
         for part in parts:
             self._sent += len(part)
-        transport.writelines(parts)
+        if len(parts) == 1:
+            transport.write(parts[0])
+        else:
+            transport.writelines(parts)
 
     def _log_access(
         self,
