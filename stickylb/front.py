@@ -47,7 +47,7 @@ from .config import Config
 from .errors import StickyLBError
 from .headers import downstream_headers, serialize_head
 from .proxy import MID_RESPONSE_ERRORS, NO_BODY, Answer, Exchange, HttpProxy, Incoming
-from .streaming import read_piece
+from .streaming import LAST_CHUNK, framed_chunk, read_piece
 
 log = logging.getLogger("stickylb.front")
 
@@ -348,7 +348,7 @@ class FrontProtocol(BaseProtocol):
             if not piece:
                 break
             if chunked:
-                self._send(head, b"%x\r\n" % len(piece), piece, b"\r\n")
+                self._send(head, *framed_chunk(piece))
             elif head:
                 self._send(head, piece)
             else:
@@ -356,7 +356,7 @@ class FrontProtocol(BaseProtocol):
             head = b""
             if self.writing_paused:
                 await self._drain_helper()
-        self._send(head, b"0\r\n\r\n" if chunked else b"")
+        self._send(head, LAST_CHUNK if chunked else b"")
         return True
 
     def _head(

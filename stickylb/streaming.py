@@ -1,4 +1,4 @@
-"""Reading a body as it arrives, without copying it."""
+"""Relaying a body: reading it as it arrives, without copying it, and chunked framing."""
 
 from __future__ import annotations
 
@@ -17,3 +17,12 @@ async def read_piece(reader: StreamReader) -> bytes:
         piece, end_of_http_chunk = await reader.readchunk()
         if piece or not end_of_http_chunk:  # (b"", True) only marks a chunk boundary
             return piece
+
+
+LAST_CHUNK = b"0\r\n\r\n"  # ends a chunked body (no trailers)
+
+
+def framed_chunk(piece: bytes) -> tuple[bytes, bytes, bytes]:
+    """``piece`` (not empty: that would end the body) as one chunk of a chunked body (RFC 9112
+    7.1), in parts to write."""
+    return b"%x\r\n" % len(piece), piece, b"\r\n"

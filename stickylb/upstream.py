@@ -34,6 +34,7 @@ from .durations import format_ms
 from .errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
 from .headers import serialize_head
 from .pool import Backend
+from .streaming import LAST_CHUNK, framed_chunk
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Methods whose bodyless requests still say "Content-Length: 0" (as aiohttp and curl send).
@@ -377,11 +378,11 @@ async def _write_body(
             if chunked:
                 if not chunk:
                     continue
-                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                transport.writelines(framed_chunk(chunk))
             else:
                 transport.write(chunk)
             await protocol._drain_helper()
         if chunked and protocol.transport is not None:
-            protocol.transport.write(b"0\r\n\r\n")
+            protocol.transport.write(LAST_CHUNK)
     except Exception as exc:
         protocol.set_exception(exc)
