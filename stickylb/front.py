@@ -310,14 +310,13 @@ class FrontProtocol(BaseProtocol):
         reader = upstream.content
         status, reason = upstream.status, upstream.reason
         keep_alive = not message.should_close
-        if message.method == "HEAD" or status in NO_BODY:
-            head, keep_alive = self._head(message, status, reason, headers, keep_alive)
-            self._send(head)
-            return keep_alive
-        if reader.is_eof():
-            # Typical for small answers: head and body go out in one write.
-            body = reader.read_nowait()
-            headers[hdrs.CONTENT_LENGTH] = str(len(body))
+        bodiless = message.method == "HEAD" or status in NO_BODY
+        if bodiless or reader.is_eof():
+            # The whole answer is here (typical for small ones): head and body in one write.
+            body = b""
+            if not bodiless:
+                body = reader.read_nowait()
+                headers[hdrs.CONTENT_LENGTH] = str(len(body))
             head, keep_alive = self._head(message, status, reason, headers, keep_alive)
             self._send(head, body)
             return keep_alive
