@@ -1,15 +1,20 @@
 """stickylb: a sticky-session HTTP and WebSocket load balancer on aiohttp.
 
-Embedding::
+Running it from Python::
 
-    from stickylb import build_config, build_app
+    from stickylb import build_config, serve
+    asyncio.run(serve(build_config({"port": 3001, "backends": [...]})))
+
+Embedding in an aiohttp application::
+
+    from stickylb import build_app, install
     app = build_app(build_config({"port": 3001, "backends": [...]}))
 """
 
 from .app import BALANCER_KEY, Balancer, build_app, handler_args, install
 from .config import Config, ConfigError, build_config, load_config
 from .health import BackendView
-from .server import StartupError, serve
+from .server import Server, StartupError, serve
 
 __version__ = "0.1.0"
 
@@ -19,6 +24,7 @@ __all__ = [
     "Balancer",
     "Config",
     "ConfigError",
+    "Server",
     "StartupError",
     "__version__",
     "build_app",

@@ -24,7 +24,7 @@ from email.message import EmailMessage
 import aiosmtplib
 
 from .config import Config, EmailConfig
-from .pool import Backend, Pool, StateChange
+from .core.pool import Backend, Pool, StateChange
 
 log = logging.getLogger("stickylb.alerts")
 

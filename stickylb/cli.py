@@ -15,16 +15,13 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .app import build_app
+from .app import Balancer
 from .config import ConfigError, describe, load_config
+from .console import EXIT_CONFIG, EXIT_STARTUP, LOG_LEVELS, setup_logging
 from .loops import LOOP_CHOICES, loop_factory, loop_name
 from .memory import tune_malloc
 from .server import StartupError, serve
 from .workers import run_workers
-
-EXIT_CONFIG = 2
-EXIT_STARTUP = 1
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,15 +65,6 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def setup_logging(level: str, workers: int = 1) -> None:
-    process = " [%(process)d]" if workers > 1 else ""
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"%(asctime)s{process} %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] in ("demo", "--demo"):
@@ -108,16 +96,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     access_log = logging.getLogger("stickylb.access") if args.access_log else None
     tune_malloc()
 
-    def run(sock: socket.socket | None = None, index: int = 0) -> None:
-        app = build_app(config, send_alerts=index == 0)
+    def run(sockets: list[socket.socket] | None = None, index: int = 0) -> None:
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(serve(config, app, access_log=access_log, sock=sock))
+            balancer = Balancer(config, send_alerts=index == 0)
+            runner.run(serve(config, balancer, access_log=access_log, sockets=sockets))
 
     try:
         if args.workers > 1:
 
-            def worker(index: int, sock: socket.socket) -> int:
-                run(sock, index)
+            def worker(index: int, sockets: list[socket.socket]) -> int:
+                run(sockets, index)
                 return 0
 
             sys.exit(run_workers(args.workers, config, worker))

@@ -43,10 +43,10 @@ from pydantic.alias_generators import to_camel
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from yarl import URL
 
+from .core.health_rules import ALGORITHMS, ResponseRule, parse_status_ranges
+from .core.strategies import STRATEGIES
 from .durations import format_duration, format_ms, parse_duration, parse_size
-from .health_rules import ALGORITHMS, ResponseRule, parse_status_ranges
 from .mail_services import KNOWN_MAIL_SERVICES, Security
-from .strategies import STRATEGIES
 
 DEFAULT_STRATEGY = "round-robin"
 DEFAULT_COOKIE_NAME = "X-Backend-ID"
@@ -54,6 +54,12 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 60.0
 DEFAULT_WEBSOCKET_IDLE_TIMEOUT = 3600.0
 DEFAULT_KEEPALIVE_TIMEOUT = 15.0
+DEFAULT_HEAD_TIMEOUT = 10.0
+DEFAULT_CLIENT_BODY_TIMEOUT = 60.0
+DEFAULT_MAX_HEAD_SIZE = 64 * 1024
+DEFAULT_MAX_HEADER_SIZE = 8190
+DEFAULT_MAX_HEADERS = 128
+DEFAULT_MAX_IDLE_PER_BACKEND = 128
 # Below Node's 5 s server default, so a backend rarely closes a kept connection as we reuse it.
 DEFAULT_BACKEND_KEEPALIVE = 4.0
 DEFAULT_QUEUE_TIMEOUT = 5.0
@@ -181,21 +187,26 @@ class CookieConfig(_Model):
 
 
 class TimeoutsConfig(_Model):
-    """Upstream and client timeouts; none of them caps a whole request."""
+    """Upstream and client timeouts; none of them caps a whole request (all are idle gaps,
+    except ``head``, which bounds the time to send one request head)."""
 
     connect: Duration = DEFAULT_CONNECT_TIMEOUT
     read: Duration = DEFAULT_READ_TIMEOUT
     websocket_idle: Duration = DEFAULT_WEBSOCKET_IDLE_TIMEOUT
     keep_alive: Duration = DEFAULT_KEEPALIVE_TIMEOUT
+    head: Duration = DEFAULT_HEAD_TIMEOUT
+    client_body: Duration = DEFAULT_CLIENT_BODY_TIMEOUT
     backend_keep_alive: Duration = DEFAULT_BACKEND_KEEPALIVE
 
 
 class LimitsConfig(_Model):
-    """Size limits on what clients send."""
+    """Size limits on what clients send, and on the connections kept to backends."""
 
     max_body_size: ByteSize | None = None
-    max_header_size: ByteSize = 8190
-    max_headers: int = Field(default=128, ge=1)
+    max_head_size: ByteSize = Field(default=DEFAULT_MAX_HEAD_SIZE, ge=1024)
+    max_header_size: ByteSize = Field(default=DEFAULT_MAX_HEADER_SIZE, ge=256)
+    max_headers: int = Field(default=DEFAULT_MAX_HEADERS, ge=1)
+    max_idle_per_backend: int = Field(default=DEFAULT_MAX_IDLE_PER_BACKEND, ge=0)
 
 
 class WebSocketConfig(_Model):

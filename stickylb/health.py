@@ -24,9 +24,9 @@ from typing import Any
 import aiohttp
 
 from .config import Config, HealthCallable, HealthSettings
+from .core.pool import Backend, Pool
 from .durations import format_ms
-from .pool import Backend, Pool
-from .upstream import describe_client_error
+from .wire.backend import CONNECT_ERRNOS
 
 log = logging.getLogger("stickylb.health")
 
@@ -49,6 +49,21 @@ class BackendView:
     @property
     def health_url(self) -> str:
         return self.url + self.path
+
+
+def probe_failure(exc: BaseException, timeout: float) -> str:
+    """A short, secret-free reason for a failed HTTP probe."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError | TimeoutError):
+        return f"timeout after {format_ms(timeout)} ms"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return CONNECT_ERRNOS.get(exc.os_error.errno or 0, "connect failed")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "backend closed the connection"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return "invalid HTTP response"
+    if isinstance(exc, aiohttp.ClientOSError | ConnectionError):
+        return "connection reset"
+    return type(exc).__name__
 
 
 def _wants_session(check: HealthCallable) -> bool:
@@ -138,7 +153,7 @@ class HealthChecker:
                     body = raw.decode("utf-8", "replace")
                 reason = settings.rule.judge(response.status, body)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            return False, describe_client_error(exc, settings.timeout, settings.timeout).reason
+            return False, probe_failure(exc, settings.timeout)
         return reason is None, reason
 
     async def _call_check(

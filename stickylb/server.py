@@ -1,6 +1,13 @@
-"""Lifecycle: listen, run until SIGTERM/SIGINT, then shut down gracefully.
+"""Lifecycle: listen with stickylb's own protocol, run until SIGTERM/SIGINT, stop gracefully.
 
-On the first signal the listening socket closes, idle keep-alive connections are dropped,
+``Server`` listens for one ``Balancer``: every accepted connection gets a
+``wire.client.ClientConnection``, and every request it reads goes through the balancer's
+pipeline. The listening sockets are stickylb's own (bound here, or handed over by
+``--workers``); asyncio's server accepts on a duplicate of each, so accepting can pause (when
+stickylb runs out of file descriptors) and resume without ever closing the port: connections
+that arrive meanwhile wait in the kernel's backlog.
+
+On the first signal the listening sockets close, idle keep-alive connections are dropped,
 open WebSockets get 1001 (going away), and in-flight requests get up to ``shutdownTimeout`` to
 finish; then health checks and the mail queue stop and the process exits 0. A second signal
 exits at once.
@@ -18,78 +25,198 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
-
-from .app import BALANCER_KEY, build_app
+from .access_log import AccessLog
+from .app import Balancer
 from .config import Config
-from .front import FrontRunner
+from .wire.client import Front
 
 log = logging.getLogger("stickylb")
 
 EXIT_AT_ONCE = 130
 GC_GEN0_THRESHOLD = 20_000
+BACKLOG = 1024
+ACCEPT_PAUSE = 1.0  # seconds without accepting after running out of file descriptors
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class StartupError(Exception):
     """The balancer could not start; the message is one line for the operator."""
 
 
-def runner_for(app: web.Application, config: Config, **extra: Any) -> web.AppRunner:
-    return FrontRunner(
-        app,
-        handle_signals=False,
-        access_log=extra.pop("access_log", None),
-        handler_cancellation=True,  # a client that goes away releases its backend at once
-        shutdown_timeout=config.shutdown_timeout,
-        **extra,
-    )
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Bound, listening sockets for ``host:port`` (every address the host resolves to)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    seen = set()
+    try:
+        for family, kind, proto, _, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class Server:
+    """One balancer listening with stickylb's wire protocol.
+
+    >>> # async with / start-stop, as ``serve`` does:
+    >>> # server = Server(config); await server.start(); ...; await server.stop()
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        balancer: Balancer | None = None,
+        *,
+        access_log: logging.Logger | None = None,
+    ) -> None:
+        self.config = config
+        self.balancer = balancer if balancer is not None else Balancer(config)
+        timeouts, limits = config.timeouts, config.limits
+        self.front = Front(
+            self.balancer.pipeline.exchange,
+            self.balancer.sweeper,
+            max_head=limits.max_head_size,
+            max_line=limits.max_header_size,
+            max_headers=limits.max_headers,
+            head_timeout=timeouts.head,
+            keep_alive=timeouts.keep_alive,
+            body_timeout=timeouts.client_body,
+            send_timeout=timeouts.read,
+            access_log=AccessLog(access_log) if access_log is not None else None,
+        )
+        self.balancer.pipeline.on_local_error = self.pause_accepting
+        self._sockets: list[socket.socket] = []
+        self._servers: list[asyncio.AbstractServer] = []
+        self._resume: asyncio.TimerHandle | None = None
+        self._stopping = False
+
+    @property
+    def addresses(self) -> list[str]:
+        return [_address(sock.getsockname()) for sock in self._sockets]
+
+    async def start(self, sockets: list[socket.socket] | None = None) -> list[str]:
+        """Start the balancer and listen (on ``sockets`` when given, as workers do)."""
+        config = self.config
+        if sockets:
+            for sock in sockets:
+                sock.setblocking(False)
+            self._sockets = list(sockets)
+        else:
+            try:
+                self._sockets = listening_sockets(config.host, config.port)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise StartupError(
+                        f"port {config.port} on {config.host} is already in use"
+                    ) from None
+                raise StartupError(
+                    f"cannot listen on {config.host}:{config.port}: {exc.strerror}"
+                ) from None
+        await self.balancer.start()
+        await self._accept()
+        return self.addresses
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        servers: list[asyncio.AbstractServer] = []
+        try:
+            for sock in self._sockets:
+                servers.append(
+                    await loop.create_server(self.front, sock=sock.dup(), backlog=BACKLOG)
+                )
+        except OSError as exc:
+            for server in servers:
+                server.close()
+            if exc.errno not in _RESOURCE_ERRNOS or self._stopping:
+                raise
+            log.warning("still out of file descriptors: accepting again in %gs", ACCEPT_PAUSE)
+            self._resume = loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
+            return
+        self._servers = servers
+
+    def pause_accepting(self) -> None:
+        """Out of file descriptors: stop accepting for a moment (new connections wait in the
+        kernel's backlog) rather than accept them only to fail their requests."""
+        if self._resume is not None or self._stopping:
+            return
+        for server in self._servers:
+            server.close()
+        self._servers = []
+        loop = asyncio.get_running_loop()
+        self._resume = loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._resume = None
+        if not self._stopping:
+            asyncio.get_running_loop().create_task(self._accept())
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, end idle connections and tunnels, give in-flight requests up to
+        ``grace`` seconds (``shutdownTimeout``), then stop the balancer."""
+        self._stopping = True
+        if self._resume is not None:
+            self._resume.cancel()
+        for server in self._servers:
+            server.close()
+        for sock in self._sockets:
+            sock.close()
+        front = self.front
+        front.close_idle()
+        self.balancer.pipeline.close_tunnels()
+        limit = self.config.shutdown_timeout if grace is None else grace
+        try:
+            async with asyncio.timeout(limit):
+                await front.drained()
+        except TimeoutError:
+            log.warning("shutdown: %d request(s) cut after %gs", len(front.connections), limit)
+        for connection in list(front.connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+        await asyncio.sleep(0)
+        await self.balancer.stop()
 
 
 async def serve(
     config: Config,
-    app: web.Application | None = None,
+    balancer: Balancer | None = None,
     *,
     access_log: logging.Logger | None = None,
     on_ready: Callable[[list[str]], None] | None = None,
-    sock: socket.socket | None = None,
+    sockets: list[socket.socket] | None = None,
 ) -> None:
-    """Run the balancer until SIGTERM or SIGINT (on ``sock`` when given, as workers do)."""
-    app = app if app is not None else build_app(config)
-    runner = runner_for(app, config, access_log=access_log)
-    await runner.setup()
-    site: web.BaseSite
-    if sock is not None:
-        site = web.SockSite(runner, sock)
-    else:
-        site = web.TCPSite(runner, config.host, config.port, backlog=1024)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        if exc.errno == errno.EADDRINUSE:
-            raise StartupError(f"port {config.port} on {config.host} is already in use") from None
-        raise StartupError(
-            f"cannot listen on {config.host}:{config.port}: {exc.strerror}"
-        ) from None
-
+    """Run the balancer until SIGTERM or SIGINT (on ``sockets`` when given, as workers do)."""
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_quiet_resource_errors)
+    server = Server(config, balancer, access_log=access_log)
+    addresses = await server.start(sockets)
     # Everything built so far lives as long as the process: keep it out of every GC pass, and
     # collect young objects less often (a request allocates many short-lived ones).
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
-    addresses = [_address(sock.getsockname()) for sock in _sockets(site)]
-    balancer = app[BALANCER_KEY]
     log.info(
         "stickylb listening on %s (strategy %s, %d backends)",
         ", ".join(addresses),
         config.strategy,
-        len(balancer.pool.backends),
+        len(server.balancer.pool.backends),
     )
     if on_ready is not None:
         on_ready(addresses)
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
 
     def on_signal(signame: str) -> None:
         if stop.is_set():
@@ -107,15 +234,22 @@ async def serve(
     try:
         await stop.wait()
     finally:
-        await runner.cleanup()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        try:
+            await server.stop()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
     log.info("stickylb stopped")
 
 
-def _sockets(site: web.BaseSite) -> list[Any]:
-    server = site._server  # aiohttp exposes no public accessor for the bound sockets
-    return list(getattr(server, "sockets", None) or [])
+def _quiet_resource_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """asyncio reports running out of file descriptors while accepting (and pauses accepting
+    itself); one line says it, without a traceback."""
+    exc = context.get("exception")
+    if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
+        log.warning("accepting paused: %s", os.strerror(exc.errno or 0))
+        return
+    loop.default_exception_handler(context)
 
 
 def _address(sockname: Any) -> str:

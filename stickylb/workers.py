@@ -22,26 +22,19 @@ from collections.abc import Callable
 from types import FrameType
 
 from .config import Config
+from .server import listening_sockets
 
 log = logging.getLogger("stickylb")
 
 RESTART_BACKOFF = 1.0
 
 
-def listening_socket(config: Config) -> socket.socket:
-    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((config.host, config.port))
-    sock.listen(1024)
-    sock.set_inheritable(True)
-    return sock
-
-
-def run_workers(count: int, config: Config, run_worker: Callable[[int, socket.socket], int]) -> int:
-    """Fork ``count`` workers running ``run_worker(index, sock)``; return the exit status."""
-    sock = listening_socket(config)
-    host, port = sock.getsockname()[:2]
+def run_workers(
+    count: int, config: Config, run_worker: Callable[[int, list[socket.socket]], int]
+) -> int:
+    """Fork ``count`` workers running ``run_worker(index, sockets)``; return the exit status."""
+    sockets = listening_sockets(config.host, config.port)
+    host, port = sockets[0].getsockname()[:2]
     log.info(
         "stickylb listening on http://%s:%d with %d workers",
         f"[{host}]" if ":" in host else host,
@@ -58,7 +51,7 @@ def run_workers(count: int, config: Config, run_worker: Callable[[int, socket.so
                 signal.signal(sig, signal.SIG_DFL)
             status = 1
             try:
-                status = run_worker(index, sock)
+                status = run_worker(index, sockets)
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -94,6 +87,7 @@ def run_workers(count: int, config: Config, run_worker: Callable[[int, socket.so
         log.warning("worker %d (pid %d) exited with %d; starting a new one", index, pid, code)
         time.sleep(RESTART_BACKOFF)
         spawn(index)
-    sock.close()
+    for sock in sockets:
+        sock.close()
     log.info("stickylb stopped (%d workers)", count)
     return worst

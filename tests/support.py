@@ -23,9 +23,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from stickylb.app import build_app
+from stickylb.app import Balancer
 from stickylb.config import Config, build_config
-from stickylb.server import runner_for
+from stickylb.server import Server
 
 ROOT = Path(__file__).resolve().parent.parent
 GZIP_BODY = gzip.compress(b"hello compressed world " * 100, mtime=0)
@@ -245,26 +245,42 @@ async def start_app(app: web.Application, port: int = 0, **runner_kwargs: Any) -
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
-    sock = site._server.sockets[0]  # type: ignore[union-attr]
-    return Running(app, runner, f"http://127.0.0.1:{sock.getsockname()[1]}")
+    return Running(app, runner, f"http://127.0.0.1:{runner.addresses[0][1]}")
 
 
 async def start_backend(name: str, port: int = 0) -> Running:
     return await start_app(backend_app(name), port, handle_signals=False, shutdown_timeout=1.0)
 
 
-async def start_balancer(config_data: dict[str, Any] | Config) -> Running:
+class RunningBalancer:
+    """A balancer we started in-process on stickylb's own server."""
+
+    def __init__(self, server: Server, url: str) -> None:
+        self.server = server
+        self.url = url
+
+    @property
+    def balancer(self) -> Balancer:
+        return self.server.balancer
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    async def stop(self) -> None:
+        await self.server.stop(grace=1.0)
+
+
+async def start_balancer(
+    config_data: dict[str, Any] | Config, **server_kwargs: Any
+) -> RunningBalancer:
     if isinstance(config_data, Config):
         config = config_data
     else:
         config = build_config({"host": "127.0.0.1", **config_data})
-    app = build_app(config)
-    runner = runner_for(app, config)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    sock = site._server.sockets[0]  # type: ignore[union-attr]
-    return Running(app, runner, f"http://127.0.0.1:{sock.getsockname()[1]}")
+    server = Server(config, **server_kwargs)
+    addresses = await server.start()
+    return RunningBalancer(server, addresses[0])
 
 
 def free_port() -> int:
@@ -396,8 +412,10 @@ async def backends(*names: str) -> AsyncIterator[list[Running]]:
 
 
 @asynccontextmanager
-async def balancer(config: dict[str, Any] | Config) -> AsyncIterator[Running]:
-    lb = await start_balancer(config)
+async def balancer(
+    config: dict[str, Any] | Config, **server_kwargs: Any
+) -> AsyncIterator[RunningBalancer]:
+    lb = await start_balancer(config, **server_kwargs)
     try:
         yield lb
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from stickylb.admission import Admission
+from stickylb.core.admission import Admission
 
 
 async def test_waiters_are_served_in_arrival_order_and_newcomers_do_not_barge():

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from multidict import CIMultiDict, CIMultiDictProxy
 
-from stickylb.affinity import StickyCookie, backend_token
 from stickylb.config import CookieConfig
-from stickylb.headers import downstream_headers, parse_networks, upstream_headers
-from stickylb.health_rules import ResponseRule, parse_status_ranges
+from stickylb.core.affinity import StickyCookie, backend_token
+from stickylb.core.headers import Forwarding, header_lines, not_forwarded, parse_networks
+from stickylb.core.health_rules import ResponseRule, parse_status_ranges
 
 
 def test_tokens_are_stable_opaque_and_secret_dependent():
@@ -58,8 +57,33 @@ def test_set_cookie_attributes():
     assert header == "lb=tok; Path=/; Domain=example.test; Max-Age=60; Secure; SameSite=None"
 
 
-def proxy(headers):
-    return CIMultiDictProxy(CIMultiDict(headers))
+def triples(pairs):
+    return [(name.lower().encode(), name.encode(), value.encode()) for name, value in pairs]
+
+
+def forward(pairs, *, peer, trusted_proxies=(), preserve_host=False, scheme=b"http"):
+    """The head ``Forwarding`` writes for a request with these headers, read back as pairs."""
+    headers = triples(pairs)
+    connection = b",".join(v.lower() for n, _, v in headers if n == b"connection")
+    host = next((v for n, _, v in headers if n == b"host"), None)
+    rules = Forwarding(preserve_host=preserve_host, trusted_proxies=trusted_proxies)
+    head = rules.head(
+        b"GET / HTTP/1.1\r\n",
+        headers,
+        not_forwarded(connection),
+        peer=peer.encode(),
+        trusted=rules.trusted(peer),
+        scheme=scheme,
+        client_host=host,
+        backend_host=b"b:1",
+    )
+    assert head.endswith(b"\r\n\r\n")
+    lines = head.split(b"\r\n")[1:-2]
+    return [tuple(part.decode() for part in line.split(b": ", 1)) for line in lines]
+
+
+def values(pairs, name):
+    return [value for key, value in pairs if key.lower() == name.lower()]
 
 
 header_names = st.sampled_from(
@@ -69,6 +93,7 @@ header_names = st.sampled_from(
         "Upgrade",
         "TE",
         "Transfer-Encoding",
+        "Content-Length",
         "X-A",
         "X-B",
         "Cookie",
@@ -80,73 +105,51 @@ header_names = st.sampled_from(
 
 
 @given(st.lists(st.tuples(header_names, st.text(alphabet="abc, -", max_size=12)), max_size=10))
-def test_upstream_headers_never_forward_hop_by_hop(pairs):
-    incoming = proxy(pairs)
-    out = upstream_headers(
-        incoming,
-        peer="10.0.0.1",
-        scheme="http",
-        backend_host="b:1",
-        preserve_host=False,
-        trusted_proxies=(),
-    )
-    named = {t.strip().lower() for v in incoming.getall("Connection", ()) for t in v.split(",")}
-    for name in out:
+def test_upstream_headers_never_forward_hop_by_hop_or_framing(pairs):
+    out = forward(pairs, peer="10.0.0.1")
+    named = {
+        t.strip().lower() for name, v in pairs if name == "Connection" for t in v.split(",")
+    }
+    ours = {"x-forwarded-for", "host", "x-forwarded-proto", "x-forwarded-host"}
+    for name, _ in out:
         assert name.lower() not in {
             "connection",
             "keep-alive",
             "upgrade",
             "te",
             "transfer-encoding",
+            "content-length",
             "proxy-authorization",
         }
-        assert name.lower() not in named or name.lower() in {
-            "x-forwarded-for",
-            "host",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-        }
-    assert out.getall("X-Forwarded-For") == ["10.0.0.1"]
-    assert out["Host"] == "b:1"
+        assert name.lower() not in named or name.lower() in ours
+    assert values(out, "X-Forwarded-For") == ["10.0.0.1"]
+    assert values(out, "Host") == ["b:1"]
 
 
 def test_trusted_proxy_chain_and_untrusted_replacement():
-    incoming = proxy([("X-Forwarded-For", "1.1.1.1"), ("Host", "h")])
+    incoming = [("X-Forwarded-For", "1.1.1.1"), ("Host", "h")]
     trusted = parse_networks(["10.0.0.0/8"])
-    out = upstream_headers(
-        incoming,
-        peer="10.1.2.3",
-        scheme="https",
-        backend_host="b",
-        preserve_host=True,
-        trusted_proxies=trusted,
-    )
-    assert out["X-Forwarded-For"] == "1.1.1.1, 10.1.2.3"
-    assert out["Host"] == "h"
-    out = upstream_headers(
-        incoming,
-        peer="192.0.2.1",
-        scheme="https",
-        backend_host="b",
-        preserve_host=False,
-        trusted_proxies=trusted,
-    )
-    assert out["X-Forwarded-For"] == "192.0.2.1"
-    assert out["X-Forwarded-Proto"] == "https"
+    out = forward(incoming, peer="10.1.2.3", trusted_proxies=trusted, preserve_host=True)
+    assert values(out, "X-Forwarded-For") == ["1.1.1.1, 10.1.2.3"]
+    assert values(out, "Host") == ["h"]
+    out = forward(incoming, peer="192.0.2.1", trusted_proxies=trusted, scheme=b"https")
+    assert values(out, "X-Forwarded-For") == ["192.0.2.1"]
+    assert values(out, "X-Forwarded-Proto") == ["https"]
+    assert values(out, "X-Forwarded-Host") == ["h"]
 
 
-def test_downstream_keeps_every_set_cookie():
-    incoming = proxy(
+def test_answers_keep_every_set_cookie_and_lose_connection_headers():
+    incoming = triples(
         [
             ("Set-Cookie", "a=1"),
             ("Set-Cookie", "b=2"),
-            ("Connection", "close"),
+            ("Connection", "close, X-Hop"),
+            ("X-Hop", "1"),
             ("Transfer-Encoding", "chunked"),
         ]
     )
-    out = downstream_headers(incoming)
-    assert out.getall("Set-Cookie") == ["a=1", "b=2"]
-    assert "Connection" not in out and "Transfer-Encoding" not in out
+    out = b"".join(header_lines(incoming, not_forwarded(b"close, x-hop")))
+    assert out == b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
 
 
 def test_health_rules():

@@ -70,7 +70,8 @@ async def test_ambiguous_framing_is_refused_and_never_forwarded(name, caplog):
         async with balancer(config) as lb:
             follow = b"GET /echo?m=FOLLOW HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
             answer = await exchange(lb.url, SMUGGLING[name] + follow)
-            assert statuses(answer) == [400], answer[:300]
+            # 501 for a transfer coding other than chunked (as nginx), 400 for the rest
+            assert statuses(answer) == [501 if name == "te-unknown" else 400], answer[:300]
             assert b"Traceback" not in answer
             async with aiohttp.ClientSession() as client, client.get(lb.url + "/") as resp:
                 assert resp.status == 200  # the proxy is fine

@@ -9,7 +9,6 @@ import aiohttp
 from aiohttp import web
 
 from stickylb import build_config
-from stickylb.app import BALANCER_KEY
 
 from .support import backends, balancer, client_session, one_backend
 
@@ -141,7 +140,7 @@ async def slowloris(url: str, stop: asyncio.Event) -> float:
 
 async def test_slowloris_clients_are_cut_and_do_not_block_others():
     async with backends("a") as servers:
-        config = one_backend(servers[0], timeouts={"keepAlive": 1000}, maxConnections=5)
+        config = one_backend(servers[0], timeouts={"head": 1000}, maxConnections=5)
         async with balancer(config) as lb:
             stop = asyncio.Event()
             attackers = [asyncio.create_task(slowloris(lb.url, stop)) for _ in range(50)]
@@ -183,7 +182,7 @@ async def test_flood_beyond_max_connections_still_serves_a_patient_client():
                 stop.set()
                 await asyncio.wait_for(asyncio.gather(*floods), 30)
             assert set(outcomes) == {200}  # the flood itself was queued, not dropped
-            assert lb.app[BALANCER_KEY].admission.active == 0
+            assert lb.balancer.admission.active == 0
 
 
 async def test_request_body_over_the_limit_gets_413():
@@ -213,7 +212,7 @@ async def test_max_connections_zero_takes_a_backend_out_of_service():
             "backends": [{"id": "a", "url": a.url, "maxConnections": 0}, {"id": "b", "url": b.url}],
         }
         async with balancer(config) as lb:
-            token = lb.app[BALANCER_KEY].pool.backends[0].token
+            token = lb.balancer.pool.backends[0].token
             async with aiohttp.ClientSession() as client:
                 started = time.monotonic()
                 async with client.get(

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import pytest
 
 from stickylb.config import build_config
-from stickylb.pool import Pool
-from stickylb.strategies import (
+from stickylb.core.pool import Pool
+from stickylb.core.strategies import (
     STRATEGIES,
     LeastConnections,
     SmoothWeightedRoundRobin,

@@ -78,24 +78,3 @@ async def test_slow_reader_does_not_make_the_proxy_buffer(tmp_path):
             assert grown < MAX_GROWTH_KIB, grown
         finally:
             assert proc.stop() == 0
-
-
-async def test_bodies_are_read_piece_by_piece_as_they_arrived():
-    # Chunk boundaries of a chunked body are not the end; nothing is joined into one copy.
-    from aiohttp.base_protocol import BaseProtocol
-    from aiohttp.streams import StreamReader
-
-    from stickylb.streaming import read_piece
-
-    loop = asyncio.get_running_loop()
-    reader = StreamReader(BaseProtocol(loop), 1 << 16, loop=loop)
-    for piece in (b"first", b"second"):
-        reader.begin_http_chunk_receiving()
-        reader.feed_data(piece)
-        reader.end_http_chunk_receiving()
-    reader.begin_http_chunk_receiving()
-    reader.end_http_chunk_receiving()  # an empty chunk: only a boundary
-    reader.feed_data(b"third")
-    reader.feed_eof()
-    pieces = [await read_piece(reader) for _ in range(4)]
-    assert pieces == [b"first", b"second", b"third", b""]

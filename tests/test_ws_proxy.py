@@ -8,8 +8,6 @@ import socket
 import aiohttp
 from aiohttp import WSMsgType, web
 
-from stickylb.app import BALANCER_KEY
-
 from .support import backends, backends_config, balancer, client_session, start_app, until
 
 QUIET_HEALTH = {"interval": "60s"}
@@ -68,7 +66,7 @@ async def test_backend_close_code_and_reason_reach_the_client():
                 assert msg.type is WSMsgType.CLOSE
                 assert msg.data == 4001
                 assert msg.extra == "custom reason"
-        pool = lb.app[BALANCER_KEY].pool
+        pool = lb.balancer.pool
         await until(lambda: pool.backends[0].active == 0, limit=5)
 
 

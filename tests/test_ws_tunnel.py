@@ -10,11 +10,18 @@ import os
 import struct
 
 import aiohttp
+import pytest
 from aiohttp import WSMsgType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stickylb.ws_frames import FrameTracker, close_frame
+from stickylb.wire.ws_frames import (
+    MESSAGE_TOO_BIG,
+    OK,
+    PROTOCOL_ERROR,
+    FrameTracker,
+    close_frame,
+)
 
 from .support import backends, balancer, cyclic_garbage, one_backend, spawn_balancer
 
@@ -42,19 +49,19 @@ def frame(payload: bytes, *, opcode: int = 2, final: bool = True, masked: bool =
         st.tuples(
             st.lists(st.integers(0, 300) | st.just(70_000), min_size=1, max_size=4),
             st.booleans(),
-            st.booleans(),
         ),
         min_size=1,
         max_size=6,
     ),
+    masked=st.booleans(),
     cuts=st.lists(st.integers(1, 50), max_size=40),
     limit=st.integers(0, 900),
 )
-def test_frame_tracker_follows_any_split_of_any_frames(messages, cuts, limit):
+def test_frame_tracker_follows_any_split_of_any_frames(messages, masked, cuts, limit):
     stream = b""
     ends = {0}  # where a frame ends: the only places the tracker may say it is between frames
     over = False
-    for fragments, with_ping, masked in messages:
+    for fragments, with_ping in messages:
         total = 0
         for i, size in enumerate(fragments):
             opcode = 1 if i == 0 else 0
@@ -66,18 +73,39 @@ def test_frame_tracker_follows_any_split_of_any_frames(messages, cuts, limit):
             if with_ping:  # control frames may sit between fragments and never count
                 stream += frame(b"p" * 5, opcode=9, masked=masked)
                 ends.add(len(stream))
-    tracker = FrameTracker(limit)
+    tracker = FrameTracker(limit, masked=masked)
     flagged = False
     pos = 0
     for cut in [*cuts, len(stream)]:
         chunk, pos = stream[pos : pos + cut], min(pos + cut, len(stream))
-        if chunk and tracker.feed(chunk):
-            flagged = True
-            break
+        if chunk:
+            verdict = tracker.feed(chunk)
+            assert verdict in (OK, MESSAGE_TOO_BIG)
+            if verdict == MESSAGE_TOO_BIG:
+                flagged = True
+                break
         assert tracker.at_boundary == (pos in ends), pos
     assert flagged == over
     if not over:
         assert tracker.at_boundary
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "masked"),
+    [
+        ("ping over 125 bytes", frame(b"p" * 126, opcode=9), True),
+        ("ping declaring 2**62 bytes", b"\x89\xff" + struct.pack("!Q", 2**62), True),
+        ("fragmented close", frame(b"\x03\xe8", opcode=8, final=False), True),
+        ("reserved data opcode", frame(b"x", opcode=3), True),
+        ("reserved control opcode", frame(b"x", opcode=0xB), True),
+        ("client frame without a mask", frame(b"x", masked=False), True),
+        ("server frame with a mask", frame(b"x", masked=True), False),
+    ],
+)
+def test_frames_no_endpoint_may_send_are_protocol_errors(name, data, masked):
+    tracker = FrameTracker(1 << 20, masked=masked)
+    assert tracker.feed(frame(b"fine", masked=masked)) == OK
+    assert tracker.feed(data) == PROTOCOL_ERROR, name
 
 
 def test_close_frames_for_each_side():
@@ -213,7 +241,7 @@ async def test_a_closed_websocket_is_freed_at_once():
                             assert (await ws.receive()).type is WSMsgType.CLOSE
             await asyncio.sleep(0.3)  # both connections are lost by now
             garbage = cyclic_garbage()
-            kinds = ("Tunnel", "TunnelEnd", "RequestHandler", "BackendConnection")
+            kinds = ("Tunnel", "TunnelEnd", "ClientConnection", "BackendConnection", "RequestCycle")
             assert {kind: garbage[kind] for kind in kinds} == dict.fromkeys(kinds, 0)
         finally:
             gc.enable()

@@ -17,6 +17,7 @@ from aiohttp import web
 from yarl import URL
 
 from ..config import Config, ConfigError, build_config, load_config
+from ..console import EXIT_CONFIG, EXIT_STARTUP, setup_logging
 from ..loops import loop_factory
 from ..server import StartupError, serve
 from .backend import make_app
@@ -47,8 +48,8 @@ async def _start_backend(name: str, host: str, port: int) -> tuple[web.AppRunner
         raise StartupError(
             f"cannot start example backend {name} on port {port}: {exc.strerror}"
         ) from None
-    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, bound
+    bound = runner.addresses[0][1]
+    return runner, int(bound)
 
 
 def _default_config(args: argparse.Namespace, ports: list[int]) -> Config:
@@ -114,8 +115,6 @@ async def run_demo(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    from ..cli import EXIT_CONFIG, EXIT_STARTUP, setup_logging
-
     args = _parser().parse_args(list(argv))
     setup_logging(args.log_level)
     try:

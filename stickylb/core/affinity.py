@@ -15,7 +15,7 @@ import base64
 import hashlib
 import hmac
 
-from .config import CookieConfig
+from ..config import CookieConfig
 
 _MAX_COOKIE_HEADER = 16 * 1024
 
@@ -59,10 +59,12 @@ class StickyCookie:
     def token_for(self, backend_id: int | str) -> str:
         return backend_token(backend_id, self._secret)
 
-    def read(self, cookie_header: str | None) -> str | None:
+    def read(self, cookie_header: bytes | str | None) -> str | None:
         """The token in a ``Cookie`` header, or None. Never raises on garbage."""
         if not cookie_header or len(cookie_header) > _MAX_COOKIE_HEADER:
             return None
+        if isinstance(cookie_header, bytes):
+            cookie_header = cookie_header.decode("utf-8", "surrogateescape")
         prefix = self._prefix
         for part in cookie_header.split(";"):
             part = part.strip()

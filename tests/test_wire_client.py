@@ -1,6 +1,6 @@
-"""The front door (stickylb/front.py): plain requests served by the lean protocol, everything
-else handed to aiohttp's server on the same connection, in order, with nothing lost. Raw
-sockets on 127.0.0.1, so every byte of framing is visible."""
+"""The client side of the wire (stickylb/wire/client.py): every request on one connection, in
+order, whatever it carries; framing for each kind of client; timeouts. Raw sockets on
+127.0.0.1, so every byte of framing is visible."""
 
 from __future__ import annotations
 
@@ -18,11 +18,18 @@ from aiohttp import web
 
 from stickylb.app import build_app, install
 from stickylb.config import build_config
-from stickylb.front import FrontServer
-from stickylb.server import runner_for
 
-from .support import SEEN, Running, backends, backends_config, balancer, cyclic_garbage, until
-from .test_upstream import RawBackend, ok, raw_config
+from .support import (
+    SEEN,
+    Running,
+    backends,
+    backends_config,
+    balancer,
+    cyclic_garbage,
+    start_app,
+    until,
+)
+from .test_wire_backend import RawBackend, ok, raw_config
 
 QUIET_HEALTH = {"interval": "30s"}
 
@@ -103,17 +110,12 @@ def lb_config(*servers: Running, **extra: object) -> dict[str, object]:
     return {"port": 0, "backends": backends_config(*servers), "health": QUIET_HEALTH, **extra}
 
 
-async def test_the_balancer_listens_with_the_front_server():
-    async with backends("a") as servers, balancer(lb_config(*servers)) as lb:
-        assert isinstance(lb.runner.server, FrontServer)
-
-
-async def test_one_connection_mixes_plain_requests_with_ones_aiohttp_serves():
+async def test_one_connection_mixes_plain_requests_bodies_and_admin_requests():
     async with backends("a") as servers, balancer(lb_config(*servers)) as lb:
         async with raw_client(lb.url) as client:
             await client.send(get("/echo?step=1"))
             first = await client.reply()
-            await client.send(post("/echo?step=2", b"hello"))  # a body: handed over
+            await client.send(post("/echo?step=2", b"hello"))
             second = await client.reply()
             await client.send(get("/echo?step=3"))
             third = await client.reply()
@@ -124,7 +126,7 @@ async def test_one_connection_mixes_plain_requests_with_ones_aiohttp_serves():
         assert second.json()["body_len"] == 5 and second.json()["method"] == "POST"
         assert third.json()["path"] == "/echo?step=3"
         assert "backends" in health.json()
-        # Both servers forward alike: the client's address, our id header, the pin.
+        # Every request is forwarded alike: the client's address, our id header, the pin.
         for reply in (first, second, third):
             assert reply.json()["headers"]["X-Forwarded-For"] == "127.0.0.1"  # type: ignore[index]
             assert reply.headers["x-backend-id"] == "a"
@@ -200,21 +202,29 @@ async def test_connection_close_from_the_client_is_honoured():
         assert reply.status == 200 and reply.headers["connection"] == "close"
 
 
-async def test_idle_and_half_sent_connections_are_closed_after_keep_alive():
+async def test_idle_connections_close_after_keep_alive_and_slow_heads_get_408():
     async with backends("a") as servers:
-        config = lb_config(*servers, timeouts={"keepAlive": "300ms"})
+        config = lb_config(*servers, timeouts={"keepAlive": "300ms", "head": "600ms"})
         async with balancer(config) as lb:
             async with raw_client(lb.url) as silent, raw_client(lb.url) as half:
                 await half.send(b"GET /echo HTTP/1.1\r\nHo")
-                assert await silent.closed_by_peer(limit=3)
+                assert await silent.closed_by_peer(limit=3)  # never sent a byte: just closed
+                late = await half.reply()
+                assert late.status == 408 and late.headers["connection"] == "close"
                 assert await half.closed_by_peer(limit=3)
             async with raw_client(lb.url) as client:
                 await client.send(get("/echo"))
                 assert (await client.reply()).status == 200
-                assert await client.closed_by_peer(limit=3)
+                assert await client.closed_by_peer(limit=3)  # idle after its answer
             # A request slower than the keep-alive timeout is not cut by it.
             async with raw_client(lb.url) as client:
                 await client.send(get("/slow?delay=0.6"))
+                assert (await client.reply()).status == 200
+            # A head sent slowly but within timeouts.head is served, however long keepAlive.
+            async with raw_client(lb.url) as client:
+                for part in (b"GET /echo HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"):
+                    await client.send(part)
+                    await asyncio.sleep(0.15)
                 assert (await client.reply()).status == 200
 
 
@@ -290,51 +300,33 @@ async def test_an_app_with_its_own_routes_and_middleware_keeps_them_for_every_re
         app = web.Application(middlewares=[stamp])
         app.router.add_get("/own", own)
         install(app, config)
-        runner = runner_for(app, config)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
+        mine = await start_app(app, handle_signals=False, handler_cancellation=True)
+        plain = await start_app(build_app(config), handle_signals=False)
         try:
-            assert not isinstance(runner.server, FrontServer)
             async with aiohttp.ClientSession() as client:
-                async with client.get(f"http://127.0.0.1:{port}/own") as resp:
+                async with client.get(mine.url + "/own") as resp:
                     assert await resp.text() == "mine"
-                async with client.get(f"http://127.0.0.1:{port}/echo") as resp:
+                async with client.get(mine.url + "/echo") as resp:
                     assert resp.status == 200 and resp.headers["X-Stamped"] == "yes"
+                    assert resp.headers["x-backend-id"] == "a"
+                async with client.post(plain.url + "/echo", data=b"abc") as resp:
+                    assert (await resp.json())["body_len"] == 3
         finally:
-            await runner.cleanup()
+            await mine.stop()
+            await plain.stop()
         assert servers[0].app[SEEN][-1]["path"] == "/echo"
 
-    # build_app's own app gets the front server, and still serves everything.
-    app = build_app(config)
-    runner = runner_for(app, config)
-    await runner.setup()
-    try:
-        assert isinstance(runner.server, FrontServer)
-    finally:
-        await runner.cleanup()
 
-
-async def test_access_log_lines_look_the_same_whichever_server_answered(caplog):
+async def test_access_log_has_one_line_per_request(caplog):
     caplog.set_level(logging.INFO, logger="stickylb.access")
     async with backends("a") as servers:
-        config = build_config({"host": "127.0.0.1", **lb_config(*servers)})
-        runner = runner_for(
-            build_app(config), config, access_log=logging.getLogger("stickylb.access")
-        )
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        try:
-            assert isinstance(runner.server, FrontServer)
-            async with raw_client(f"http://127.0.0.1:{runner.addresses[0][1]}") as client:
+        logger = logging.getLogger("stickylb.access")
+        async with balancer(lb_config(*servers), access_log=logger) as lb:
+            async with raw_client(lb.url) as client:
                 await client.send(get("/echo?fast=1", "User-Agent: probe/1"))
                 await client.reply()
                 await client.send(post("/echo?slow=1", b"xyz"))
                 await client.reply()
-        finally:
-            await runner.cleanup()
     lines = [r.getMessage() for r in caplog.records if r.name == "stickylb.access"]
     assert len(lines) == 2, lines
     pattern = r'^127\.0\.0\.1 \[[^\]]+\] "{} HTTP/1\.1" 200 \d+ "-" "{}"$'
@@ -357,8 +349,7 @@ async def test_closed_client_connections_are_freed_at_once():
     # A connection held in a reference cycle lives on, with what it buffered, until a full
     # garbage-collector pass, which under load can be minutes away: memory climbs meanwhile.
     async with backends("a") as servers, balancer(lb_config(*servers)) as lb:
-        front = lb.runner.server
-        assert isinstance(front, FrontServer)
+        front = lb.server.front
         gc.collect()
         gc.disable()
         try:
@@ -368,8 +359,13 @@ async def test_closed_client_connections_are_freed_at_once():
             async with raw_client(lb.url) as client:  # hangs up in the middle of an answer
                 await client.send(get("/download?size=16777216&length=1"))
                 await client.reader.readexactly(100_000)
+            async with raw_client(lb.url) as client:  # hangs up in the middle of its body
+                await client.send(get("/upload", "Content-Length: 100000", method="POST"))
+                await client.send(b"x" * 1000)
             await until(lambda: not front.connections)
             await asyncio.sleep(0.2)  # the cancelled request winds down
-            assert cyclic_garbage()["FrontProtocol"] == 0
+            garbage = cyclic_garbage()
+            kinds = ("ClientConnection", "RequestCycle", "Request", "BackendConnection")
+            assert {kind: garbage[kind] for kind in kinds} == dict.fromkeys(kinds, 0)
         finally:
             gc.enable()

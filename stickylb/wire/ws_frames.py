@@ -1,42 +1,54 @@
 """WebSocket framing, only as much as a relay that passes frames through untouched needs (pure).
 
-``FrameTracker`` follows frame boundaries in one direction's byte stream (RFC 6455 5.2) to add
-up each message's size and to know whether the stream sits between frames, which is the only
-place a relay may put a frame of its own (a close). Payloads are skipped, never read or copied.
+``FrameTracker`` follows frame boundaries in one direction's byte stream (RFC 6455 5.2): it adds
+up each message's size, knows whether the stream sits between frames (the only place a relay
+may put a frame of its own, a close), and refuses what no endpoint may send (5.2, 5.5): a
+reserved opcode, a control frame longer than 125 bytes or fragmented, a client frame without a
+mask or a server frame with one. Payloads are skipped, never read or copied.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from typing import Final
+
+OK: Final = 0
+PROTOCOL_ERROR: Final = 1002
+MESSAGE_TOO_BIG: Final = 1009
 
 _CONTROL = 0x8  # opcodes 8-15 are control frames; they never belong to a message
 _FINAL = 0x80  # FIN: the last frame of a message
+_KNOWN_CONTROL = frozenset({0x8, 0x9, 0xA})  # close, ping, pong
 
 
 class FrameTracker:
-    """Frame boundaries and message sizes in one direction of a WebSocket.
+    """Frame boundaries, message sizes and frame rules in one direction of a WebSocket;
+    ``masked`` is whether this direction's frames must be masked (client to server).
 
-    >>> tracker = FrameTracker(limit=10)
+    >>> tracker = FrameTracker(limit=10, masked=False)
     >>> tracker.feed(b"\\x01\\x04abcd")  # first fragment: 4 bytes of a text message
-    False
+    0
     >>> tracker.at_boundary
     True
     >>> tracker.feed(b"\\x80\\x07abcdefg")  # last fragment: 11 bytes in all, over the limit
-    True
+    1009
+    >>> FrameTracker(limit=10, masked=False).feed(b"\\x09\\x7e\\x00\\x80")  # a 128-byte ping
+    1002
     """
 
-    __slots__ = ("_head", "_limit", "_message", "_skip", "at_boundary")
+    __slots__ = ("_head", "_limit", "_mask", "_message", "_skip", "at_boundary")
 
-    def __init__(self, limit: int | None) -> None:
+    def __init__(self, limit: int | None, *, masked: bool) -> None:
         self._limit = limit
+        self._mask = 0x80 if masked else 0
         self._head = b""  # the start of a frame header whose length field is cut short
         self._skip = 0  # bytes left in the current frame (the mask, then the payload)
         self._message = 0  # bytes so far in the current (possibly fragmented) message
         self.at_boundary = True  # whether everything fed so far ends with a whole frame
 
-    def feed(self, data: bytes) -> bool:
-        """Follow ``data``; True when a message has grown past the limit."""
+    def feed(self, data: bytes) -> int:
+        """Follow ``data``: ``OK``, or the close code it calls for (1002 or 1009)."""
         if self._head:  # a header split across reads: joined to this one (rare, < 10 bytes)
             data, self._head = self._head + data, b""
         pos, end = self._skip, len(data)
@@ -46,18 +58,25 @@ class FrameTracker:
             if end - pos < 2:
                 break
             first, second = data[pos], data[pos + 1]
+            if second & 0x80 != self._mask:
+                return PROTOCOL_ERROR
             length = second & 0x7F
-            size = 6 if second & 0x80 else 2  # the header, with the mask if any
-            if length > 125:
-                extra = 2 if length == 126 else 8
-                if end - pos < 2 + extra:
-                    break
-                length = int.from_bytes(data[pos + 2 : pos + 2 + extra], "big")
-                size += extra
-            if not first & _CONTROL:
+            size = 6 if self._mask else 2  # the header, with the mask if any
+            if first & _CONTROL:
+                if length > 125 or not first & _FINAL or first & 0x0F not in _KNOWN_CONTROL:
+                    return PROTOCOL_ERROR
+            else:
+                if first & 0x0F > 2:  # 3-7 are reserved
+                    return PROTOCOL_ERROR
+                if length > 125:
+                    extra = 2 if length == 126 else 8
+                    if end - pos < 2 + extra:
+                        break
+                    length = int.from_bytes(data[pos + 2 : pos + 2 + extra], "big")
+                    size += extra
                 self._message += length
                 if self._limit is not None and self._message > self._limit:
-                    return True
+                    return MESSAGE_TOO_BIG
                 if first & _FINAL:
                     self._message = 0
             pos += size + length
@@ -66,7 +85,7 @@ class FrameTracker:
         else:
             self._skip = pos - end
         self.at_boundary = pos == end
-        return False
+        return OK
 
 
 def close_frame(code: int, reason: str = "", *, masked: bool) -> bytes:

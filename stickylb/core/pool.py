@@ -25,8 +25,8 @@ from typing import NamedTuple
 
 from yarl import URL
 
+from ..config import BackendConfig, Config, HealthSettings
 from .affinity import StickyCookie
-from .config import BackendConfig, Config, HealthSettings
 from .health_rules import HealthTracker
 from .strategies import STRATEGIES, Strategy
 
@@ -42,8 +42,9 @@ class Backend:
     health: HealthSettings
     url: URL
     tracker: HealthTracker
-    base: str = ""  # scheme://authority/prefix, to which the request's raw path is appended
-    host_header: str = ""
+    base: str = ""  # scheme://authority/prefix, to which a health check's path is appended
+    host_header: bytes = b""  # the Host a request to this backend carries (its authority)
+    prefix: bytes = b""  # the URL's path, put in front of every request target
     requests: int = 0
     active: int = 0
     last_checked: float | None = None
@@ -111,7 +112,6 @@ class Pool:
         self._max_fails = max_fails
         self._fail_window = fail_window
         self._listeners: list[Listener] = []
-        self.on_release: Callable[[], None] = lambda: None  # e.g. wake requests queued for a slot
         # Who may get new clients changes only with health (``_announce``), so it is worked out
         # then, not per request; only connection limits still need a look per request.
         self._balanced = self._up_and_weighted()
@@ -137,7 +137,8 @@ class Pool:
                     url=url,
                     tracker=HealthTracker(rise=health.rise, fall=health.fall),
                     base=f"{url.scheme}://{authority}{url.raw_path.rstrip('/')}",
-                    host_header=authority,
+                    host_header=authority.encode("idna" if not authority.isascii() else "ascii"),
+                    prefix=url.raw_path.rstrip("/").encode(),
                 )
             )
         return cls(
@@ -164,14 +165,24 @@ class Pool:
             return None
         return Choice(self._strategy.pick(candidates), repinned=True)
 
+    def can_choose(self, token: str | None) -> bool:
+        """Whether ``choose(token)`` would find a backend, without choosing one: asking moves
+        no strategy's state (a round-robin turn, a tie-break), so a queue may ask freely."""
+        pinned = self._by_token.get(token) if token else None
+        if pinned is not None and pinned.available:
+            return True
+        if self._limited:
+            return any(not b.full for b in self._balanced)
+        return bool(self._balanced)
+
     @staticmethod
     def acquire(backend: Backend) -> None:
         backend.requests += 1
         backend.active += 1
 
-    def release(self, backend: Backend) -> None:
+    @staticmethod
+    def release(backend: Backend) -> None:
         backend.active -= 1
-        self.on_release()
 
     # --- health ---------------------------------------------------------------------------
 

@@ -1,0 +1,144 @@
+"""Theory of operation: which headers cross the proxy, in each direction, and how a head is
+written.
+
+Pure functions over bytes, no I/O. Headers travel as the parser gave them: ``(lower-case name,
+name, value)`` triples, the name's own spelling and every byte of the value kept (a value that
+is not UTF-8 reaches the other side unchanged). Hop-by-hop headers (RFC 9110 7.6.1) and every
+header named in ``Connection`` are connection-scoped and never forwarded; framing headers
+(``Content-Length``, ``Transfer-Encoding``) are never copied either: each side of the proxy
+gets the framing stickylb writes for it.
+
+``X-Forwarded-*`` describe the client as this proxy saw it: values arriving from clients are
+replaced, unless the peer is a trusted proxy, in which case the peer is appended to the chain
+(as Traefik and Caddy do).
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from collections.abc import Iterable, Sequence
+
+Header = tuple[bytes, bytes, bytes]  # lower-case name, name as sent, value
+
+HOP_BY_HOP_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
+# The proxy writes these itself (towards a backend), from what it saw of the client.
+FORWARDING_HEADERS = frozenset(
+    {b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
+)
+# Requests never carry these upstream: the proxy answered "100 Continue" itself.
+REQUEST_ONLY_HERE = frozenset({b"expect"})
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(value, strict=False) for value in values)
+
+
+def peer_in(peer: str | None, networks: tuple[Network, ...]) -> bool:
+    if not peer or not networks:
+        return False
+    try:
+        address = ipaddress.ip_address(peer.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+@functools.lru_cache(maxsize=256)  # a handful of values ("keep-alive", "close") recur endlessly
+def not_forwarded(connection: bytes, also: frozenset[bytes] = frozenset()) -> frozenset[bytes]:
+    """Names that must not cross the proxy, given the ``Connection`` values (lower-cased,
+    joined with commas): hop-by-hop, framing, whatever ``Connection`` names, and ``also``."""
+    named = {token.strip() for token in connection.split(b",")} - {b""}
+    return HOP_BY_HOP_HEADERS | FRAMING_HEADERS | named | also
+
+
+def tokens(value: bytes) -> frozenset[bytes]:
+    """The comma-separated tokens of a header value, lower-cased."""
+    return frozenset(token.strip() for token in value.lower().split(b",")) - {b""}
+
+
+class Forwarding:
+    """How a request's headers are rewritten for a backend, settled once per config."""
+
+    def __init__(self, *, preserve_host: bool, trusted_proxies: tuple[Network, ...]) -> None:
+        self._preserve_host = preserve_host
+        self._trusted = trusted_proxies
+
+    def trusted(self, peer: str | None) -> bool:
+        return peer_in(peer, self._trusted)
+
+    def head(
+        self,
+        request_line: bytes,
+        headers: Sequence[Header],
+        skip: frozenset[bytes],
+        *,
+        peer: bytes,
+        trusted: bool,
+        scheme: bytes,
+        client_host: bytes | None,
+        backend_host: bytes,
+        extra: bytes = b"",
+    ) -> bytes:
+        """The request head for a backend: ``request_line`` (with its CRLF), the client's
+        headers minus ``skip`` and the forwarding ones, then ours, then ``extra`` (whole header
+        lines, such as the framing), then the blank line."""
+        out = [request_line]
+        chain: list[bytes] = []
+        proto = host = None
+        for lname, name, value in headers:
+            if lname in skip:
+                continue
+            if lname in FORWARDING_HEADERS:
+                if not trusted or lname == b"host":
+                    continue
+                if lname == b"x-forwarded-for":
+                    chain.append(value)
+                    continue
+                if lname == b"x-forwarded-proto":
+                    proto = value
+                elif lname == b"x-forwarded-host":
+                    host = value
+            out += (name, b": ", value, b"\r\n")
+        if chain:
+            chain.append(peer)
+            out += (b"X-Forwarded-For: ", b", ".join(chain), b"\r\n")
+        else:
+            out += (b"X-Forwarded-For: ", peer, b"\r\n")
+        if proto is None:
+            out += (b"X-Forwarded-Proto: ", scheme, b"\r\n")
+        if host is None and client_host:
+            out += (b"X-Forwarded-Host: ", client_host, b"\r\n")
+        if self._preserve_host and client_host:
+            out += (b"Host: ", client_host, b"\r\n")
+        else:
+            out += (b"Host: ", backend_host, b"\r\n")
+        out += (extra, b"\r\n")
+        return b"".join(out)
+
+
+def header_lines(headers: Iterable[Header], skip: frozenset[bytes]) -> list[bytes]:
+    """The headers not in ``skip``, as parts of header lines ready to join."""
+    out: list[bytes] = []
+    for lname, name, value in headers:
+        if lname not in skip:
+            out += (name, b": ", value, b"\r\n")
+    return out

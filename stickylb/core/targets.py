@@ -1,0 +1,111 @@
+"""Theory of operation: request targets, and whether one names the balancer's own endpoints.
+
+Pure functions over bytes. A request target is forwarded in origin-form (``/path?query``): an
+absolute-form target (``http://host/path``, RFC 9112 3.2.2) keeps only its path and query,
+because the backend is ours to choose, never the client's. Anything else (``*``, authority-form)
+has no backend to go to.
+
+Whether a path is under the admin prefix is decided the way the most lenient backend could read
+it, so that no spelling of ``/_lb/...`` ever reaches one: every percent-escape decoded,
+backslashes read as slashes, repeated slashes collapsed, dot segments removed, letters compared
+without case. The canonical form handed to the admin endpoints is stricter (only unreserved
+characters decoded, case kept), so ``/%5Flb/health`` is the health page and ``/_LB/health`` is
+the balancer's 404, and neither is proxied.
+"""
+
+from __future__ import annotations
+
+import re
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+_SLASHES = re.compile(rb"/{2,}")
+
+
+def origin_form(target: bytes) -> bytes | None:
+    """The target to send upstream, or None when it names no path of ours.
+
+    >>> origin_form(b"/a?b"), origin_form(b"http://evil.test:9/x?y"), origin_form(b"*")
+    (b'/a?b', b'/x?y', None)
+    """
+    if target.startswith(b"/"):
+        return target
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return None
+    cut = [i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0]
+    path = rest[min(cut) :] if cut else b""
+    return path if path.startswith(b"/") else b"/" + path
+
+
+def path_of(target: bytes) -> bytes:
+    """The path part of an origin-form target (without the query)."""
+    end = target.find(b"?")
+    return target if end < 0 else target[:end]
+
+
+def _decode(path: bytes, decode_all: bool) -> bytes:
+    def replace(match: re.Match[bytes]) -> bytes:
+        byte = int(match.group(1), 16)
+        return bytes((byte,)) if decode_all or byte in _UNRESERVED else match.group(0)
+
+    return _ESCAPE.sub(replace, path)
+
+
+def _remove_dot_segments(path: bytes) -> bytes:
+    """RFC 3986 5.2.4, on a path that starts with "/"."""
+    out: list[bytes] = []
+    segments = path.split(b"/")[1:]
+    for i, segment in enumerate(segments):
+        last = i == len(segments) - 1
+        if segment == b".":
+            if last:
+                out.append(b"")
+        elif segment == b"..":
+            if out:
+                out.pop()
+            if last:
+                out.append(b"")
+        else:
+            out.append(segment)
+    return b"/" + b"/".join(out)
+
+
+def canonical_path(path: bytes) -> bytes:
+    """Unreserved escapes decoded, repeated slashes collapsed, dot segments removed.
+
+    >>> canonical_path(b"//x/./%5Flb/../_lb//health")
+    b'/x/_lb/health'
+    """
+    if b"%" in path:
+        path = _decode(path, decode_all=False)
+    if b"//" in path:
+        path = _SLASHES.sub(b"/", path)
+    if b"/." in path:
+        path = _remove_dot_segments(path)
+    return path
+
+
+class AdminPrefix:
+    """Whether a path names the balancer's own endpoints, under any spelling.
+
+    >>> admin = AdminPrefix("/_lb")
+    >>> [admin.matches(p) for p in (b"/_lb", b"/_lb/health", b"//_lb/x", b"/_lb%2Fhealth")]
+    [True, True, True, True]
+    >>> [admin.matches(p) for p in (b"/_lbx", b"/app/_lb", b"/")]
+    [False, False, False]
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix.encode()
+        self._folded = self.prefix.lower()
+        # Paths that contain none of these read the same however they are decoded.
+        self._tricky = re.compile(rb"%|\\|//|/\.")
+
+    def matches(self, path: bytes) -> bool:
+        if self._tricky.search(path):
+            path = _decode(path, decode_all=True).replace(b"\\", b"/")
+            path = _remove_dot_segments(_SLASHES.sub(b"/", path))
+        folded = path.lower()
+        prefix = self._folded
+        return folded == prefix or folded.startswith(prefix + b"/")
