@@ -46,7 +46,7 @@ from .core.errors import (
 )
 from .core.headers import Forwarding, Header, header_lines, not_forwarded
 from .core.pool import Backend, Choice, Pool
-from .core.targets import AdminPrefix, canonical_path, origin_form, path_of
+from .core.targets import AdminPrefix, origin_form, path_of
 from .wire.backend import BackendConnection, Connections
 from .wire.client import Request
 from .wire.deadlines import Sweeper
@@ -395,7 +395,7 @@ class RequestCycle:
             if self._internal is p.admin_link:
                 end = target.find(b"?")
                 query = b"" if end < 0 else target[end:]
-                target = canonical_path(path_of(target)) + query
+                target = p.admin.normalized(path_of(target)) + query
         else:
             assert self._backend is not None
             prefix, host, target = self._backend.prefix, self._backend.host_header, self._target

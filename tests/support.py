@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -338,6 +339,9 @@ class Process:
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {pattern!r}:\n{self.output}")
 
+    def open_files(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
     def rss_kib(self, field: str = "VmRSS") -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -359,10 +363,19 @@ class Process:
 
 
 def spawn(
-    args: list[str], tmp_path: Path, env: dict[str, str] | None = None, name: str = "proc"
+    args: list[str],
+    tmp_path: Path,
+    env: dict[str, str] | None = None,
+    name: str = "proc",
+    max_files: int | None = None,
 ) -> Process:
     log_path = tmp_path / f"{name}-{time.monotonic_ns()}.log"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+
+    def limit_files() -> None:
+        if max_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, *args],
@@ -371,16 +384,27 @@ def spawn(
             stdin=subprocess.DEVNULL,
             cwd=str(ROOT),
             env=full_env,
+            preexec_fn=limit_files if max_files is not None else None,
         )
     return Process(proc, log_path)
 
 
 def spawn_balancer(
-    config: dict[str, Any], tmp_path: Path, *extra_args: str, env: dict[str, str] | None = None
+    config: dict[str, Any],
+    tmp_path: Path,
+    *extra_args: str,
+    env: dict[str, str] | None = None,
+    max_files: int | None = None,
 ) -> Process:
     path = tmp_path / f"config-{time.monotonic_ns()}.json"
     path.write_text(json.dumps({"host": "127.0.0.1", "port": 0, **config}))
-    proc = spawn(["-m", "stickylb", str(path), *extra_args], tmp_path, env=env, name="stickylb")
+    proc = spawn(
+        ["-m", "stickylb", str(path), *extra_args],
+        tmp_path,
+        env=env,
+        name="stickylb",
+        max_files=max_files,
+    )
     proc.url = proc.wait_for(LISTEN_RE.pattern).group(1)
     return proc
 

@@ -130,7 +130,7 @@ async def test_chaos_no_idempotent_request_fails_while_a_backend_is_up(tmp_path)
                                 break
                             stats["ws_messages"] += 1
                             await asyncio.sleep(0.1)
-                except (aiohttp.ClientError, TimeoutError):
+                except (aiohttp.ClientError, ConnectionError, TimeoutError):
                     stats["ws_dropped"] += 1
                     await asyncio.sleep(0.05)
 

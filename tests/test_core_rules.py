@@ -107,9 +107,7 @@ header_names = st.sampled_from(
 @given(st.lists(st.tuples(header_names, st.text(alphabet="abc, -", max_size=12)), max_size=10))
 def test_upstream_headers_never_forward_hop_by_hop_or_framing(pairs):
     out = forward(pairs, peer="10.0.0.1")
-    named = {
-        t.strip().lower() for name, v in pairs if name == "Connection" for t in v.split(",")
-    }
+    named = {t.strip().lower() for name, v in pairs if name == "Connection" for t in v.split(",")}
     ours = {"x-forwarded-for", "host", "x-forwarded-proto", "x-forwarded-host"}
     for name, _ in out:
         assert name.lower() not in {

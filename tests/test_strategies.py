@@ -155,3 +155,20 @@ def test_active_counts_return_to_zero(strategy):
         pool.release(backend)
     assert all(b.active == 0 for b in pool.backends)
     assert sum(b.requests for b in pool.backends) == 50
+
+
+def test_asking_whether_a_backend_is_free_moves_no_strategy():
+    # The admission queue asks this on every release; asking must not use up a turn.
+    for strategy in ("round-robin", "least-connections"):
+        config = build_config(
+            port=0,
+            strategy=strategy,
+            backends=[{"id": i, "url": f"http://127.0.0.1:{i + 1}"} for i in range(3)],
+        )
+        asked, plain = Pool.from_config(config), Pool.from_config(config)
+        picks = []
+        for _ in range(9):
+            for _ in range(5):
+                assert asked.can_choose(None)
+            picks.append((asked.choose(None).backend.id, plain.choose(None).backend.id))
+        assert all(a == b for a, b in picks)

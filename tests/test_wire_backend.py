@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
+import pytest
 import trustme
 from aiohttp import web
 
@@ -298,3 +299,150 @@ async def test_backend_connections_closed_any_way_are_freed_at_once():
             assert garbage["BackendConnection"] == 0 and garbage["RequestCycle"] == 0
         finally:
             gc.enable()
+
+
+# --- hostile and broken backends (issue 13) ----------------------------------------------------
+
+
+async def answers_then_leaks(
+    backend: RawBackend, nth: int, request: bytes, writer: asyncio.StreamWriter
+) -> bool:
+    """Answers, then (a bug, or worse) writes a second answer nobody asked for."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\nsomeone-else's")
+    await writer.drain()
+    return True
+
+
+async def test_an_answer_nobody_asked_for_never_reaches_another_client(caplog):
+    async with RawBackend(answers_then_leaks) as raw, balancer(raw_config(raw)) as lb:
+        async with aiohttp.ClientSession() as first:
+            async with first.get(lb.url + "/mine") as resp:
+                assert await resp.read() == b"ok"
+        await asyncio.sleep(0.3)  # the leak has arrived on the idle connection by now
+        async with aiohttp.ClientSession() as second:
+            async with second.get(lb.url + "/theirs") as resp:
+                assert await resp.read() == b"ok"
+    assert raw.opened == 2  # the connection that spoke out of turn was closed, not reused
+    assert "idle connection" in caplog.text
+
+
+async def two_answers_at_once(
+    backend: RawBackend, nth: int, request: bytes, writer: asyncio.StreamWriter
+) -> bool:
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra"
+    )
+    await writer.drain()
+    return True
+
+
+async def test_bytes_after_an_answer_are_dropped_with_their_connection():
+    async with RawBackend(two_answers_at_once) as raw, balancer(raw_config(raw)) as lb:
+        async with aiohttp.ClientSession() as client:
+            for _ in range(3):
+                async with client.get(lb.url + "/") as resp:
+                    assert await resp.read() == b"ok"
+    assert raw.opened == 3
+
+
+def answering(answer: bytes) -> Answer:
+    async def send(
+        backend: RawBackend, nth: int, request: bytes, writer: asyncio.StreamWriter
+    ) -> bool:
+        writer.write(answer)
+        await writer.drain()
+        return True
+
+    return send
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nX-Bad: caf\xe9\x7f\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nX-Bad: a\rb\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        b"HTTP/1.1 999 Odd\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"p" * 70_000 + b"\r\n\r\n",
+    ],
+)
+async def test_a_broken_answer_is_a_502_and_one_log_line(answer, caplog):
+    async with RawBackend(answering(answer)) as raw, balancer(raw_config(raw, retries=0)) as lb:
+        async with aiohttp.ClientSession() as client, client.get(lb.url + "/") as resp:
+            assert resp.status == 502
+            assert b"X-Bad" not in await resp.read() and "X-Bad" not in resp.headers
+    failures = [r for r in caplog.records if r.name == "stickylb.proxy"]
+    assert len(failures) == 1 and failures[0].levelname == "WARNING", caplog.text
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= 40], caplog.text
+
+
+async def test_framing_of_bodiless_answers_is_normalized():
+    replies = {
+        b"/204": b"HTTP/1.1 204 No Content\r\nContent-Length: 7\r\nX-A: 1\r\n\r\n",
+        b"/304": b'HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\nETag: "e"\r\n\r\n',
+        b"/head": b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n",
+        b"/after": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    }
+
+    async def answer(
+        backend: RawBackend, nth: int, request: bytes, writer: asyncio.StreamWriter
+    ) -> bool:
+        writer.write(replies[request.split(b" ")[1]])
+        await writer.drain()
+        return True
+
+    async with RawBackend(answer) as raw, balancer(raw_config(raw)) as lb:
+        host, port = lb.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            for path, method in (("/204", "GET"), ("/304", "GET"), ("/head", "HEAD")):
+                writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                if path == "/204":
+                    assert b"Content-Length" not in head and b"X-A: 1" in head
+                else:  # the length of what a GET would have had, and no body follows
+                    assert b"Content-Length: 7\r\n" in head
+            writer.write(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(2) == b"ok"
+        finally:
+            writer.close()
+
+
+async def test_idle_connections_are_reused_last_in_first_out_and_capped():
+    served: dict[bytes, int] = {}  # request path -> the connection (in order opened) it came on
+    tags: dict[int, int] = {}
+
+    async def tag(
+        backend: RawBackend, nth: int, request: bytes, writer: asyncio.StreamWriter
+    ) -> bool:
+        path = request.split(b" ")[1]
+        served[path] = tags.setdefault(id(writer), len(tags))
+        if path.startswith(b"/slow/"):
+            await asyncio.sleep(0.1 * int(path[-1:]))  # /slow/3 finishes last
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        return True
+
+    async with RawBackend(tag) as raw:
+        config = raw_config(raw, limits={"maxIdlePerBackend": 2})
+        async with balancer(config) as lb, aiohttp.ClientSession() as client:
+
+            async def get(path: str) -> None:
+                async with client.get(lb.url + path) as resp:
+                    assert await resp.read() == b"ok"
+
+            await asyncio.gather(get("/slow/1"), get("/slow/2"), get("/slow/3"))
+            await get("/next")
+            # At most 2 wait idle: the least recently used (/slow/1's) was closed.
+            await until(lambda: raw.closed == 1)
+    assert raw.opened == 3
+    assert served[b"/next"] == served[b"/slow/3"]  # the most recently released goes first

@@ -8,16 +8,15 @@ has no backend to go to.
 Whether a path is under the admin prefix is decided the way the most lenient backend could read
 it, so that no spelling of ``/_lb/...`` ever reaches one: every percent-escape decoded,
 backslashes read as slashes, repeated slashes collapsed, dot segments removed, letters compared
-without case. The canonical form handed to the admin endpoints is stricter (only unreserved
-characters decoded, case kept), so ``/%5Flb/health`` is the health page and ``/_LB/health`` is
-the balancer's 404, and neither is proxied.
+without case. The admin endpoints get the same normalized path with its case kept, so
+``/%5Flb/health`` and ``//_lb/./health`` are the health page, ``/_LB/health`` is the balancer's
+404, and none is ever proxied.
 """
 
 from __future__ import annotations
 
 import re
 
-_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 _SLASHES = re.compile(rb"/{2,}")
 
@@ -44,12 +43,8 @@ def path_of(target: bytes) -> bytes:
     return target if end < 0 else target[:end]
 
 
-def _decode(path: bytes, decode_all: bool) -> bytes:
-    def replace(match: re.Match[bytes]) -> bytes:
-        byte = int(match.group(1), 16)
-        return bytes((byte,)) if decode_all or byte in _UNRESERVED else match.group(0)
-
-    return _ESCAPE.sub(replace, path)
+def _decoded(path: bytes) -> bytes:
+    return _ESCAPE.sub(lambda match: bytes((int(match.group(1), 16),)), path)
 
 
 def _remove_dot_segments(path: bytes) -> bytes:
@@ -71,21 +66,6 @@ def _remove_dot_segments(path: bytes) -> bytes:
     return b"/" + b"/".join(out)
 
 
-def canonical_path(path: bytes) -> bytes:
-    """Unreserved escapes decoded, repeated slashes collapsed, dot segments removed.
-
-    >>> canonical_path(b"//x/./%5Flb/../_lb//health")
-    b'/x/_lb/health'
-    """
-    if b"%" in path:
-        path = _decode(path, decode_all=False)
-    if b"//" in path:
-        path = _SLASHES.sub(b"/", path)
-    if b"/." in path:
-        path = _remove_dot_segments(path)
-    return path
-
-
 class AdminPrefix:
     """Whether a path names the balancer's own endpoints, under any spelling.
 
@@ -94,6 +74,8 @@ class AdminPrefix:
     [True, True, True, True]
     >>> [admin.matches(p) for p in (b"/_lbx", b"/app/_lb", b"/")]
     [False, False, False]
+    >>> admin.normalized(b"//x/./%5Flb/../_lb//health")
+    b'/x/_lb/health'
     """
 
     def __init__(self, prefix: str) -> None:
@@ -102,10 +84,14 @@ class AdminPrefix:
         # Paths that contain none of these read the same however they are decoded.
         self._tricky = re.compile(rb"%|\\|//|/\.")
 
+    def normalized(self, path: bytes) -> bytes:
+        """``path`` as the most lenient server would read it (its case kept)."""
+        if not self._tricky.search(path):
+            return path
+        path = _decoded(path).replace(b"\\", b"/")
+        return _remove_dot_segments(_SLASHES.sub(b"/", path))
+
     def matches(self, path: bytes) -> bool:
-        if self._tricky.search(path):
-            path = _decode(path, decode_all=True).replace(b"\\", b"/")
-            path = _remove_dot_segments(_SLASHES.sub(b"/", path))
-        folded = path.lower()
+        folded = self.normalized(path).lower()
         prefix = self._folded
         return folded == prefix or folded.startswith(prefix + b"/")

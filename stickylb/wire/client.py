@@ -71,6 +71,11 @@ from .http1 import (
 protocol_log = logging.getLogger("stickylb.protocol")
 
 MAX_PIPELINED = 16
+# Closing with unread bytes from the client makes the kernel reset the connection, which can
+# destroy the answer before the client reads it: after such an answer stickylb stops writing
+# and reads (and discards) for a moment before it closes, as nginx's lingering close does.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1 << 20
 # Answers of at most this size are joined to their head and written at once.
 JOIN_LIMIT = 64 * 1024
 # Buffered in the kernel and the transport for a slow client before the backend is paused.
@@ -217,6 +222,7 @@ class ClientConnection(asyncio.Protocol):
         "_idle",
         "_keep",
         "_left",
+        "_lingering",
         "_loop",
         "_overflow",
         "_parser",
@@ -262,6 +268,7 @@ class ClientConnection(asyncio.Protocol):
         self._upgrade_held = False  # an upgrade request was read: nothing more is parsed
         self._eof = False
         self._idle = True
+        self._lingering = -1  # bytes discarded while closing; -1: not closing
         self._read_pause = 0  # bit 1: the exchange's flow control; bit 2: queued requests
         self._write_paused = False
         self._pending_head = b""
@@ -296,6 +303,11 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = self._loop.time() + front.head_timeout  # a first head, from accept
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering >= 0:
+            self._lingering += len(data)
+            if self._lingering > LINGER_BYTES and self.transport is not None:
+                self.transport.abort()
+            return
         if self._upgrade_held:  # behind an upgrade request: not HTTP until it is answered
             self._hold(data)
             return
@@ -330,6 +342,8 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._eof = True
+        if self._lingering >= 0:
+            return False
         request = self.request
         if self._cycle is not None and request is not None and not request.complete:
             self._client_gone("closed the connection during its request body")
@@ -643,7 +657,7 @@ class ClientConnection(asyncio.Protocol):
         self._queue.clear()
         self._keep = False
         self._write_answer(Answer.of(error), version=b"1.1", head_request=False)
-        self._close()
+        self._close(linger=True)
 
     def _client_gone(self, why: str) -> None:
         cycle = self._cycle
@@ -654,6 +668,9 @@ class ClientConnection(asyncio.Protocol):
 
     def expired(self, now: float) -> None:
         self.deadline = NEVER
+        if self._lingering >= 0:
+            self._close()
+            return
         cycle = self._cycle
         if cycle is not None:
             if self._write_paused:
@@ -672,9 +689,20 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._keep = False
 
-    def _close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+    def _close(self, *, linger: bool = False) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if not linger or self._eof or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()  # the answer ends here; what the client still sends is dropped
+        self._lingering = 0
+        self._cycle = None
+        self._queue.clear()
+        self._read_pause = 0
+        transport.resume_reading()
+        self.deadline = self._loop.time() + LINGER_SECONDS
 
     # --- writing answers (called by the exchange) ------------------------------------------
 
@@ -856,14 +884,14 @@ class ClientConnection(asyncio.Protocol):
         if transport is None:
             return
         if not self._keep:
-            self._close()
+            self._close(linger=request is not None and not request.complete)
             return
         if self._broken is not None:
             error, self._broken = self._broken, None
             self._queue.clear()
             self._keep = False
             self._write_answer(Answer.of(error), version=b"1.1", head_request=False)
-            self._close()
+            self._close(linger=True)
             return
         if self._queue:
             self._start(self._queue.popleft())
