@@ -381,7 +381,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            self._upgraded(data[upgrade.args[0] :])
+            self._upgrade_asked(data[upgrade.args[0] :])
         except httptools.HttpParserInvalidMethodError:
             known = data[:1].isupper() and b" " in data[:32]
             self._refuse(NotImplementedCoding("method") if known else BadRequest("method"))
@@ -516,7 +516,7 @@ class ClientConnection(asyncio.Protocol):
         request.keep_alive = parser.should_keep_alive()
         request.started = self._loop.time()
         if parser.should_upgrade():
-            # The parser stops after this head whatever it says; ``_upgraded`` decides.
+            # The parser stops after this head whatever it says; ``_upgrade_asked`` decides.
             return
         if request.framing == NO_BODY:
             request.complete = True
@@ -534,7 +534,7 @@ class ClientConnection(asyncio.Protocol):
             return
         request = self._parsing
         if request is None or self._parser.should_upgrade():
-            return  # an upgrade request's end is decided in ``_upgraded``
+            return  # an upgrade request's end is decided in ``_upgrade_asked``
         self._left = 0
         self._message_complete()
 
@@ -590,7 +590,7 @@ class ClientConnection(asyncio.Protocol):
                 self.deadline = NEVER
             sink.request_end(request.trailers)
 
-    def _upgraded(self, rest: bytes) -> None:
+    def _upgrade_asked(self, rest: bytes) -> None:
         """The parser stopped after a request with ``Connection: upgrade``."""
         request = self._parsing
         if request is None:
