@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +45,21 @@ _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 _BYTES = {"B": 1 / 1048576, "KB": 1 / 1024, "MB": 1.0, "GB": 1024.0}
 
 
-def wrk(url: str, seconds: float, connections: int, headers: dict[str, str]) -> HttpResult:
+def _json_body(size: int) -> bytes:
+    """A JSON document of exactly ``size`` bytes, shaped like an API call's."""
+    items = [{"sku": f"s-{i:03d}", "qty": 1} for i in range(10)]
+    document = {"user": "u-1234", "items": items, "note": ""}
+    filler = size - len(json.dumps(document))
+    document["note"] = "n" * filler
+    return json.dumps(document).encode()
+
+
+JSON_BODY = _json_body(512)
+
+
+def wrk(
+    url: str, seconds: float, connections: int, headers: dict[str, str], body: bytes | None
+) -> HttpResult:
     command = [
         "wrk",
         "-t1",
@@ -55,6 +71,14 @@ def wrk(url: str, seconds: float, connections: int, headers: dict[str, str]) -> 
     ]
     for name, value in headers.items():
         command += ["-H", f"{name}: {value}"]
+    if body is not None:  # wrk posts through a script; it lives as long as the run
+        script = Path(tempfile.mkdtemp(prefix="stickylb-wrk-")) / "post.lua"
+        script.write_text(
+            'wrk.method = "POST"\n'
+            'wrk.headers["Content-Type"] = "application/json"\n'
+            f"wrk.body = {json.dumps(body.decode())}\n"
+        )
+        command += ["-s", str(script)]
     out = subprocess.run(
         pinned([*command, url], LOAD_CORE), capture_output=True, text=True, timeout=seconds + 60
     ).stdout
@@ -77,7 +101,7 @@ def wrk(url: str, seconds: float, connections: int, headers: dict[str, str]) -> 
 
 
 async def python_load(
-    url: str, seconds: float, connections: int, headers: dict[str, str]
+    url: str, seconds: float, connections: int, headers: dict[str, str], body: bytes | None
 ) -> HttpResult:
     """A bounded fallback when wrk is not installed (it measures less precisely)."""
     latencies: list[float] = []
@@ -92,7 +116,8 @@ async def python_load(
                 return
             started = time.perf_counter()
             try:
-                async with session.get(url, headers=headers) as resp:
+                method = "POST" if body is not None else "GET"
+                async with session.request(method, url, headers=headers, data=body) as resp:
                     received += len(await resp.read())
                     errors += resp.status >= 400
             except aiohttp.ClientError:
@@ -115,11 +140,16 @@ async def python_load(
 
 
 def http_load(
-    url: str, seconds: float, connections: int, headers: dict[str, str] | None = None
+    url: str,
+    seconds: float,
+    connections: int,
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
 ) -> HttpResult:
+    """GET ``url`` (or POST ``body``) from ``connections`` at once for ``seconds``."""
     if shutil.which("wrk"):
-        return wrk(url, seconds, connections, headers or {})
-    return asyncio.run(python_load(url, seconds, connections, headers or {}))
+        return wrk(url, seconds, connections, headers or {}, body)
+    return asyncio.run(python_load(url, seconds, connections, headers or {}, body))
 
 
 async def ws_echo(

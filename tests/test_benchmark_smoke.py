@@ -30,6 +30,7 @@ def test_benchmark_smoke_mode_runs_and_writes_results(tmp_path):
         "tiny_rps",
         "tiny_p99_ms",
         "tiny_cookie_rps",
+        "post_rps",
         "big_mib_s",
         "ws_msgs_s",
         "ws_cpu_us_per_msg",

@@ -369,3 +369,51 @@ async def test_closed_client_connections_are_freed_at_once():
             assert {kind: garbage[kind] for kind in kinds} == dict.fromkeys(kinds, 0)
         finally:
             gc.enable()
+
+
+async def test_expect_100_continue_is_answered_before_the_body_is_sent():
+    async with backends("a") as servers:
+        config = lb_config(*servers, limits={"maxBodySize": 1000})
+        async with balancer(config) as lb, raw_client(lb.url) as client:
+            await client.send(
+                get("/echo", "Content-Length: 5", "Expect: 100-continue", method="POST")
+            )
+            interim = await client.reply(head_only=True)
+            assert interim.status == 100
+            await client.send(b"hello")
+            final = await client.reply()
+            assert final.status == 200 and final.json()["body_len"] == 5
+            assert "Expect" not in final.json()["headers"]  # answered here, not forwarded
+        # Too large: refused at once, without a 100 (the client need not send it at all).
+        async with balancer(config) as lb, raw_client(lb.url) as client:
+            await client.send(
+                get("/echo", "Content-Length: 5000", "Expect: 100-continue", method="POST")
+            )
+            refused = await client.reply()
+            assert refused.status == 413 and refused.headers["connection"] == "close"
+
+
+async def test_chunked_request_trailers_reach_the_backend():
+    received: list[bytes] = []
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        body = await reader.readuntil(b"\r\n0\r\n")  # the last chunk
+        received.append(head + body + await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(backend, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with balancer(raw_config(url)) as lb, raw_client(lb.url) as client:
+            await client.send(
+                get("/t", "Transfer-Encoding: chunked", method="POST")
+                + b"3\r\nabc\r\n0\r\nX-Checksum: 900150983cd24fb0\r\n\r\n"
+            )
+            assert (await client.reply()).status == 200
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert received[0].endswith(b"3\r\nabc\r\n0\r\nX-Checksum: 900150983cd24fb0\r\n\r\n")
