@@ -34,7 +34,7 @@ async def echo(request: web.Request) -> web.WebSocketResponse:
 
 def make_app() -> web.Application:
     app = web.Application()
-    app.router.add_get("/tiny", tiny)
+    app.router.add_route("*", "/tiny", tiny)  # GET, and POST for the JSON-body row
     app.router.add_get("/big", big)
     app.router.add_get("/health", tiny)
     app.router.add_get("/ws", echo)

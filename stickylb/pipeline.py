@@ -28,6 +28,7 @@ connection for replayable requests: the usual keep-alive race, nobody's failure.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -148,6 +149,10 @@ class Pipeline:
         self.unavailable_link: Internal | None = None
         self.tunnels: set[Tunnel] = set()
         self.on_local_error: Callable[[], None] = lambda: None
+        # What a client connection calls for each request it reads.
+        self.exchange: Callable[[Client, Request], RequestCycle] = functools.partial(
+            RequestCycle, self
+        )
         # What each backend adds to its answers: worked out once, not per request.
         self.pin: dict[Any, bytes] = {}
         self.backend_id: dict[Any, bytes] = {}
@@ -160,9 +165,6 @@ class Pipeline:
             self.backend_id[backend.key] = (
                 b"x-backend-id: %s\r\n" % str(backend.id).encode() if backend_header else b""
             )
-
-    def exchange(self, client: Client, request: Request) -> RequestCycle:
-        return RequestCycle(self, client, request)
 
     def admit(self, token: str | None) -> Choice | None:
         """A global slot and a backend now, when nobody has to wait for one (the usual case).
@@ -267,9 +269,8 @@ class RequestCycle:
             self._refuse(BadRequest("request target is not a path"))
             return
         self._target = target
-        path = path_of(target)
-        if p.admin.matches(path):
-            self._serve_admin(path)
+        if p.admin.matches(target):
+            self._serve_admin()
             return
         if p.max_body is not None and request.framing == LENGTH and request.length > p.max_body:
             self._refuse(RequestTooLarge("Content-Length over limits.maxBodySize"))
@@ -364,25 +365,32 @@ class RequestCycle:
         self._attach(conn)
 
     def _attach(self, conn: BackendConnection) -> None:
+        """Send the request on ``conn``: the head with whatever of the body has arrived, in one
+        write (a small request is one packet); the rest follows as it comes."""
         self._conn = conn
         request = self._request
+        out = [self._request_head()]
+        if request.framing != NO_BODY:
+            self._client.send_continue()
+            pending = request.pending
+            if pending:
+                self._body_sent = True
+                if request.framing == CHUNKED:
+                    for piece in pending:
+                        out += chunk(piece)
+                else:
+                    out += pending
+                pending.clear()
+            if request.complete and request.framing == CHUNKED:
+                out.append(self._last_chunk(request.trailers))
         conn.start(
             self,
-            self._request_head(),
+            out[0] if len(out) == 1 else b"".join(out),
             head_request=request.method == b"HEAD",
             upgrade=request.upgrade is not None,
         )
-        if request.framing == NO_BODY:
-            conn.request_done()
-            return
-        self._client.send_continue()
-        pending = request.pending
-        if pending:
-            for piece in pending:
-                self._write_body(conn, piece)
-            pending.clear()
         if request.complete:
-            self._end_body(conn, request.trailers)
+            conn.request_done()
         else:
             self._client.resume_body()
 
@@ -416,8 +424,8 @@ class RequestCycle:
             b"%s %s%s HTTP/1.1\r\n" % (request.method, prefix, target),
             request.headers,
             not_forwarded(request.connection, _EXPECT),
-            peer=client.peer_bytes,
-            trusted=p.forwarding.trusted(client.peer),
+            peer=client.peer,
+            peer_bytes=client.peer_bytes,
             scheme=client.scheme,
             client_host=request.host,
             backend_host=host,
@@ -433,9 +441,12 @@ class RequestCycle:
 
     def _end_body(self, conn: BackendConnection, trailers: list[Header] | None) -> None:
         if self._request.framing == CHUNKED:
-            parts = header_lines(trailers, not_forwarded(b"")) if trailers else None
-            conn.write(last_chunk(parts))
+            conn.write(self._last_chunk(trailers))
         conn.request_done()
+
+    @staticmethod
+    def _last_chunk(trailers: list[Header] | None) -> bytes:
+        return last_chunk(header_lines(trailers, not_forwarded(b"")) if trailers else None)
 
     def backend_writable(self, writable: bool) -> None:
         if writable:
@@ -662,7 +673,7 @@ class RequestCycle:
 
     # --- our own answers -------------------------------------------------------------------
 
-    def _serve_admin(self, path: bytes) -> None:
+    def _serve_admin(self) -> None:
         p = self._p
         request = self._request
         authorization = None

@@ -64,7 +64,8 @@ class Admission:
 
     def leave(self) -> None:
         self.active -= 1
-        self.wake()
+        if self._waiters:
+            self.wake()
 
     def wake(self) -> None:
         """Something was released: wake, in ticket order, the waiters whose condition holds."""

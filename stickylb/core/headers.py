@@ -82,17 +82,14 @@ class Forwarding:
         self._preserve_host = preserve_host
         self._trusted = trusted_proxies
 
-    def trusted(self, peer: str | None) -> bool:
-        return peer_in(peer, self._trusted)
-
     def head(
         self,
         request_line: bytes,
         headers: Sequence[Header],
         skip: frozenset[bytes],
         *,
-        peer: bytes,
-        trusted: bool,
+        peer: str | None,
+        peer_bytes: bytes,
         scheme: bytes,
         client_host: bytes | None,
         backend_host: bytes,
@@ -104,6 +101,7 @@ class Forwarding:
         out = [request_line]
         chain: list[bytes] = []
         proto = host = None
+        trusted = bool(self._trusted) and peer_in(peer, self._trusted)
         for lname, name, value in headers:
             if lname in skip:
                 continue
@@ -119,10 +117,10 @@ class Forwarding:
                     host = value
             out += (name, b": ", value, b"\r\n")
         if chain:
-            chain.append(peer)
+            chain.append(peer_bytes)
             out += (b"X-Forwarded-For: ", b", ".join(chain), b"\r\n")
         else:
-            out += (b"X-Forwarded-For: ", peer, b"\r\n")
+            out += (b"X-Forwarded-For: ", peer_bytes, b"\r\n")
         if proto is None:
             out += (b"X-Forwarded-Proto: ", scheme, b"\r\n")
         if host is None and client_host:

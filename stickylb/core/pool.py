@@ -42,6 +42,10 @@ class Backend:
     health: HealthSettings
     url: URL
     tracker: HealthTracker
+    # Read on every request: plain attributes, not properties over the config.
+    key: Hashable = None
+    id: int | str = 0
+    weight: float = 1.0
     base: str = ""  # scheme://authority/prefix, to which a health check's path is appended
     host_header: bytes = b""  # the Host a request to this backend carries (its authority)
     prefix: bytes = b""  # the URL's path, put in front of every request target
@@ -50,18 +54,6 @@ class Backend:
     last_checked: float | None = None
     last_change: float | None = None
     passive_failures: deque[float] = field(default_factory=deque)
-
-    @property
-    def key(self) -> Hashable:
-        return self.config.id
-
-    @property
-    def id(self) -> int | str:
-        return self.config.id
-
-    @property
-    def weight(self) -> float:
-        return self.config.weight
 
     @property
     def healthy(self) -> bool:
@@ -132,6 +124,9 @@ class Pool:
             backends.append(
                 Backend(
                     config=backend_config,
+                    key=backend_config.id,
+                    id=backend_config.id,
+                    weight=backend_config.weight,
                     token=cookie.token_for(backend_config.id),
                     health=health,
                     url=url,

@@ -83,6 +83,9 @@ class AdminPrefix:
         self._folded = self.prefix.lower()
         # Paths that contain none of these read the same however they are decoded.
         self._tricky = re.compile(rb"%|\\|//|/\.")
+        # A target with neither those nor the prefix itself (any case) cannot be ours: the one
+        # test most requests need.
+        self._maybe = re.compile(rb"%|\\|//|/\.|" + re.escape(self.prefix), re.IGNORECASE)
 
     def normalized(self, path: bytes) -> bytes:
         """``path`` as the most lenient server would read it (its case kept)."""
@@ -91,7 +94,10 @@ class AdminPrefix:
         path = _decoded(path).replace(b"\\", b"/")
         return _remove_dot_segments(_SLASHES.sub(b"/", path))
 
-    def matches(self, path: bytes) -> bool:
-        folded = self.normalized(path).lower()
+    def matches(self, target: bytes) -> bool:
+        """Whether an origin-form target (path and query) is under the prefix."""
+        if not self._maybe.search(target):
+            return False
+        folded = self.normalized(path_of(target)).lower()
         prefix = self._folded
         return folded == prefix or folded.startswith(prefix + b"/")

@@ -226,6 +226,7 @@ class BackendConnection(asyncio.Protocol):
         "_headers",
         "_keep",
         "_left",
+        "_loop",
         "_length",
         "_parser",
         "_read_paused",
@@ -249,6 +250,7 @@ class BackendConnection(asyncio.Protocol):
 
     def __init__(self, pool: Connections) -> None:
         self.pool = pool
+        self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.user: Exchange | None = None
         self.deadline = NEVER
@@ -351,7 +353,7 @@ class BackendConnection(asyncio.Protocol):
         if self._read_paused and self.transport is not None:
             self._read_paused = False
             self.transport.resume_reading()  # an idle connection must notice what arrives
-        self.deadline = asyncio.get_running_loop().time() + keep_alive
+        self.deadline = self._loop.time() + keep_alive
 
     def close(self) -> None:
         if self.transport is not None:
@@ -367,7 +369,7 @@ class BackendConnection(asyncio.Protocol):
             and (self._request_done or self._write_paused)
         )
         if waiting and timeout:
-            self.deadline = asyncio.get_running_loop().time() + timeout
+            self.deadline = self._loop.time() + timeout
         else:
             self.deadline = NEVER
 

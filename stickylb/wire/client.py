@@ -271,7 +271,7 @@ class ClientConnection(asyncio.Protocol):
         self._lingering = -1  # bytes discarded while closing; -1: not closing
         self._read_pause = 0  # bit 1: the exchange's flow control; bit 2: queued requests
         self._write_paused = False
-        self._pending_head = b""
+        self._pending_head: list[bytes] | None = None
         self._chunked = False
         self._keep = True
         self._sent = 0
@@ -554,7 +554,7 @@ class ClientConnection(asyncio.Protocol):
     def _start(self, request: Request) -> None:
         self.request = request
         self._idle = False
-        self._pending_head = b""
+        self._pending_head = None
         self._sent = 0
         self._status = 0
         self._keep = True
@@ -742,41 +742,46 @@ class ClientConnection(asyncio.Protocol):
             else:
                 keep = False
         self._keep = keep
-        parts.append(_connection_header(version, keep))
-        self._pending_head = b"".join(parts)
+        parts.append(_CONNECTION_HEADER[version, keep])
+        self._pending_head = parts
         self._status = status
 
     def send_body(self, piece: bytes) -> None:
         transport = self.transport
         if transport is None or not piece:
             return
-        head, self._pending_head = self._pending_head, b""
-        self._sent += len(head) + len(piece)
+        head, self._pending_head = self._pending_head, None
         if self._chunked:
-            size = b"%x\r\n" % len(piece)
-            if len(piece) <= JOIN_LIMIT:
-                transport.write(b"".join((head, size, piece, b"\r\n")))
-            else:
-                transport.writelines((head, size, piece, b"\r\n"))
-        elif not head:
-            transport.write(piece)
-        elif len(piece) <= JOIN_LIMIT:
-            transport.write(head + piece)
+            framed = (b"%x\r\n" % len(piece), piece, b"\r\n")
+            parts = [*head, *framed] if head else framed
+        elif head:
+            head.append(piece)
+            parts = head
         else:
-            transport.writelines((head, piece))
+            self._sent += len(piece)
+            transport.write(piece)
+            return
+        if len(piece) <= JOIN_LIMIT:  # one write, one copy of a small piece
+            data = b"".join(parts)
+            self._sent += len(data)
+            transport.write(data)
+        else:
+            self._sent += sum(map(len, parts))
+            transport.writelines(parts)
 
     def send_end(self, trailer_parts: list[bytes] | None) -> None:
         """The relayed answer is complete."""
         transport = self.transport
-        head, self._pending_head = self._pending_head, b""
+        head, self._pending_head = self._pending_head, None
         if transport is not None:
             if self._chunked:
-                end = head + last_chunk(trailer_parts)
-                transport.write(end)
-                self._sent += len(end)
-            elif head:
-                transport.write(head)
-                self._sent += len(head)
+                end = last_chunk(trailer_parts)
+                data = b"".join((*head, end)) if head else end
+            else:
+                data = b"".join(head) if head else b""
+            if data:
+                transport.write(data)
+                self._sent += len(data)
         self._answered()
 
     def send_answer(self, answer: Answer, *, close: bool = False) -> None:
@@ -793,7 +798,7 @@ class ClientConnection(asyncio.Protocol):
     def abort(self) -> None:
         """The answer cannot be completed: close, so the client sees it cut short."""
         self._keep = False
-        self._pending_head = b""
+        self._pending_head = None
         self._close()
         self._answered()
 
@@ -863,7 +868,7 @@ class ClientConnection(asyncio.Protocol):
                     answer.content_type,
                     len(answer.body),
                 ),
-                _connection_header(version, self._keep),
+                _CONNECTION_HEADER[version, self._keep],
             )
         )
         body = b"" if head_request else answer.body
@@ -908,7 +913,10 @@ class ClientConnection(asyncio.Protocol):
             self._set_read_pause(3, False)
 
 
-def _connection_header(version: bytes, keep: bool) -> bytes:
-    if version == b"1.1":
-        return b"\r\n" if keep else b"Connection: close\r\n\r\n"
-    return b"Connection: keep-alive\r\n\r\n" if keep else b"\r\n"
+# The end of an answer's head, by the client's version and whether the connection stays open.
+_CONNECTION_HEADER = {
+    (b"1.1", True): b"\r\n",
+    (b"1.1", False): b"Connection: close\r\n\r\n",
+    (b"1.0", True): b"Connection: keep-alive\r\n\r\n",
+    (b"1.0", False): b"\r\n",
+}
