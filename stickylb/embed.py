@@ -68,7 +68,6 @@ def _request_of(request: web.Request) -> Request:
     else:
         out.framing = NO_BODY
     out.complete = out.framing == NO_BODY
-    out.started = asyncio.get_running_loop().time()
     return out
 
 

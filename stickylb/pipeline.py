@@ -45,7 +45,7 @@ from .core.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from .core.headers import Forwarding, Header, header_lines, not_forwarded
+from .core.headers import FORWARDING_HEADERS, Forwarding, Header, header_lines, not_forwarded
 from .core.pool import Backend, Choice, Pool
 from .core.targets import AdminPrefix, origin_form, path_of
 from .wire.backend import BackendConnection, Connections
@@ -69,7 +69,8 @@ log = logging.getLogger("stickylb.proxy")
 # Body bytes read before a backend connection is ready; past this the client is not read.
 PENDING_BODY_LIMIT = 64 * 1024
 NOT_FOUND = Answer(404, b"application/json; charset=utf-8", b'{"error": "Not found."}')
-_EXPECT = frozenset({b"expect"})
+# Never copied from a request: "Expect" (answered here) and what the proxy writes itself.
+_NOT_COPIED = frozenset({b"expect"}) | FORWARDING_HEADERS
 
 
 class Client(Protocol):
@@ -264,7 +265,9 @@ class RequestCycle:
     def begin(self) -> None:
         request = self._request
         p = self._p
-        target = origin_form(request.target)
+        target: bytes | None = request.target
+        if request.target[:1] != b"/":  # absolute-form or worse: rarely
+            target = origin_form(request.target)
         if target is None:
             self._refuse(BadRequest("request target is not a path"))
             return
@@ -423,7 +426,7 @@ class RequestCycle:
         return p.forwarding.head(
             b"%s %s%s HTTP/1.1\r\n" % (request.method, prefix, target),
             request.headers,
-            not_forwarded(request.connection, _EXPECT),
+            not_forwarded(request.connection, _NOT_COPIED),
             peer=client.peer,
             peer_bytes=client.peer_bytes,
             scheme=client.scheme,
@@ -715,7 +718,9 @@ class RequestCycle:
         backend, self._backend = self._backend, None
         if backend is not None:
             self._p.pool.release(backend)
-            self._p.admission.wake()  # clients queued for this backend may go now
+            admission = self._p.admission
+            if admission.queued:
+                admission.wake()  # clients queued for this backend may go now
 
     def _finish(self) -> None:
         """The one place the cycle ends: the backend slot and the global slot are given back."""

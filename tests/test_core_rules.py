@@ -7,7 +7,13 @@ from hypothesis import strategies as st
 
 from stickylb.config import CookieConfig
 from stickylb.core.affinity import StickyCookie, backend_token
-from stickylb.core.headers import Forwarding, header_lines, not_forwarded, parse_networks
+from stickylb.core.headers import (
+    FORWARDING_HEADERS,
+    Forwarding,
+    header_lines,
+    not_forwarded,
+    parse_networks,
+)
 from stickylb.core.health_rules import ResponseRule, parse_status_ranges
 
 
@@ -70,7 +76,7 @@ def forward(pairs, *, peer, trusted_proxies=(), preserve_host=False, scheme=b"ht
     head = rules.head(
         b"GET / HTTP/1.1\r\n",
         headers,
-        not_forwarded(connection),
+        not_forwarded(connection, FORWARDING_HEADERS),
         peer=peer,
         peer_bytes=peer.encode(),
         scheme=scheme,

@@ -96,40 +96,29 @@ class Forwarding:
         extra: bytes = b"",
     ) -> bytes:
         """The request head for a backend: ``request_line`` (with its CRLF), the client's
-        headers minus ``skip`` and the forwarding ones, then ours, then ``extra`` (whole header
-        lines, such as the framing), then the blank line."""
+        headers minus ``skip`` (which holds ``FORWARDING_HEADERS``: see ``not_forwarded``),
+        the forwarding headers, then ``extra`` (whole header lines, such as the framing), then
+        the blank line."""
         out = [request_line]
-        chain: list[bytes] = []
-        proto = host = None
-        trusted = bool(self._trusted) and peer_in(peer, self._trusted)
         for lname, name, value in headers:
-            if lname in skip:
-                continue
-            if lname in FORWARDING_HEADERS:
-                if not trusted or lname == b"host":
-                    continue
-                if lname == b"x-forwarded-for":
-                    chain.append(value)
-                    continue
-                if lname == b"x-forwarded-proto":
-                    proto = value
-                elif lname == b"x-forwarded-host":
-                    host = value
-            out += (name, b": ", value, b"\r\n")
-        if chain:
-            chain.append(peer_bytes)
-            out += (b"X-Forwarded-For: ", b", ".join(chain), b"\r\n")
-        else:
-            out += (b"X-Forwarded-For: ", peer_bytes, b"\r\n")
-        if proto is None:
-            out += (b"X-Forwarded-Proto: ", scheme, b"\r\n")
-        if host is None and client_host:
-            out += (b"X-Forwarded-Host: ", client_host, b"\r\n")
-        if self._preserve_host and client_host:
-            out += (b"Host: ", client_host, b"\r\n")
-        else:
-            out += (b"Host: ", backend_host, b"\r\n")
-        out += (extra, b"\r\n")
+            if lname not in skip:
+                out += (name, b": ", value, b"\r\n")
+        chain, proto, host = peer_bytes, scheme, client_host
+        if self._trusted and peer_in(peer, self._trusted):  # a proxy of ours: append to it
+            sent: dict[bytes, list[bytes]] = {}
+            for lname, _, value in headers:
+                if lname in FORWARDING_HEADERS:
+                    sent.setdefault(lname, []).append(value)
+            chain = b", ".join([*sent.get(b"x-forwarded-for", ()), peer_bytes])
+            proto = sent.get(b"x-forwarded-proto", [scheme])[0]
+            host = sent.get(b"x-forwarded-host", [client_host or b""])[0]
+            for value in sent.get(b"forwarded", ()):
+                out += (b"Forwarded: ", value, b"\r\n")
+        out += (b"X-Forwarded-For: ", chain, b"\r\nX-Forwarded-Proto: ", proto, b"\r\n")
+        if host:
+            out += (b"X-Forwarded-Host: ", host, b"\r\n")
+        own_host = client_host if self._preserve_host and client_host else backend_host
+        out += (b"Host: ", own_host, b"\r\n", extra, b"\r\n")
         return b"".join(out)
 
 

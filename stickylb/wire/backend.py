@@ -226,8 +226,8 @@ class BackendConnection(asyncio.Protocol):
         "_headers",
         "_keep",
         "_left",
-        "_loop",
         "_length",
+        "_loop",
         "_parser",
         "_read_paused",
         "_reason",
@@ -334,7 +334,9 @@ class BackendConnection(asyncio.Protocol):
     def request_done(self) -> None:
         """The whole request is written: from now on the exchange waits on the backend."""
         self._request_done = True
-        self._rearm()
+        timeout = self.pool.settings.read_timeout
+        if timeout and not self._read_paused and not self._complete:
+            self.deadline = self._loop.time() + timeout
 
     def pause_reading(self) -> None:
         """The client cannot take more: stop reading the answer (and do not time it)."""

@@ -113,7 +113,6 @@ class Request:
         "method",
         "pending",
         "sink",
-        "started",
         "target",
         "trailers",
         "upgrade",
@@ -138,7 +137,6 @@ class Request:
         self.trailers: list[Header] | None = None
         self.early = b""  # bytes after a WebSocket handshake, for the tunnel
         self.sink: Exchange | None = None
-        self.started = 0.0
 
 
 class Front:
@@ -507,14 +505,14 @@ class ClientConnection(asyncio.Protocol):
             request.method = parser.get_method()
             if request.method == b"CONNECT":
                 raise NotImplementedCoding("CONNECT")
-            request.framing, request.length = request_framing(
-                request.version, self._content_length, self._transfer_encoding
-            )
+            if self._content_length is not None or self._transfer_encoding:
+                request.framing, request.length = request_framing(
+                    request.version, self._content_length, self._transfer_encoding
+                )
         except ClientError as error:
             self._refusal = error
             raise _Refused() from None
         request.keep_alive = parser.should_keep_alive()
-        request.started = self._loop.time()
         if parser.should_upgrade():
             # The parser stops after this head whatever it says; ``_upgrade_asked`` decides.
             return
@@ -562,7 +560,8 @@ class ClientConnection(asyncio.Protocol):
         self._cycle = cycle
         request.sink = cycle
         self.deadline = NEVER
-        self._arm_body_timer()
+        if not request.complete:
+            self._arm_body_timer()
         cycle.begin()
 
     def _body_piece(self, piece: bytes) -> None:

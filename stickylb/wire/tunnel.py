@@ -21,7 +21,7 @@ import asyncio
 from collections.abc import Callable
 
 from .deadlines import NEVER, Sweeper
-from .ws_frames import MESSAGE_TOO_BIG, OK, FrameTracker, close_frame
+from .ws_frames import OK, FrameTracker, close_frame
 
 GOING_AWAY = 1001
 REASONS = {1001: "going away", 1002: "protocol error", 1009: "message too big"}
@@ -80,7 +80,7 @@ class Tunnel:
             (self._backend, self._client, False),
             (self._client, self._backend, True),
         ):
-            if receiver.transport is not None and sender.between_frames:
+            if receiver.transport is not None and sender.frames.at_boundary:
                 receiver.transport.write(close_frame(code, reason, masked=masked))
         self.hang_up()
 
@@ -106,7 +106,7 @@ class TunnelEnd(asyncio.Protocol):
     """One socket of a tunnel: every read is written to the peer end's socket as it came,
     and while that socket cannot take more, this one is not read."""
 
-    __slots__ = ("_tunnel", "active", "between_frames", "frames", "origin", "peer", "transport")
+    __slots__ = ("_tunnel", "active", "frames", "origin", "peer", "transport")
 
     def __init__(self, tunnel: Tunnel, transport: asyncio.Transport, frames: FrameTracker) -> None:
         self._tunnel: Tunnel | None = tunnel
@@ -117,7 +117,6 @@ class TunnelEnd(asyncio.Protocol):
         self.frames = frames
         self.peer: TunnelEnd | None = None
         self.active = False  # read since the idle check last looked
-        self.between_frames = True  # whether what this end passed on ends with a whole frame
 
     def install(self) -> None:
         transport = self.transport
@@ -139,13 +138,12 @@ class TunnelEnd(asyncio.Protocol):
             return
         verdict = self.frames.feed(data)
         if verdict != OK:
-            # Nothing of this read goes out, so the peer stays where it was, frame-wise.
+            # Nothing of this read goes out, so the tracker still says where the peer's stream
+            # is, frame-wise (a failed feed leaves ``at_boundary`` as the last good one set it).
             if self._tunnel is not None:
-                reason = REASONS[verdict] if verdict == MESSAGE_TOO_BIG else REASONS[1002]
-                self._tunnel.close(verdict, reason)
+                self._tunnel.close(verdict, REASONS[verdict])
             return
         sink.write(data)
-        self.between_frames = self.frames.at_boundary
 
     def pause_writing(self) -> None:
         # This socket's send buffer is full of what the peer sent: stop reading the peer.

@@ -48,20 +48,23 @@ class FrameTracker:
         self.at_boundary = True  # whether everything fed so far ends with a whole frame
 
     def feed(self, data: bytes) -> int:
-        """Follow ``data``: ``OK``, or the close code it calls for (1002 or 1009)."""
+        """Follow ``data``: ``OK``, or the close code it calls for (1002 or 1009). After a
+        code, ``at_boundary`` still describes everything fed before ``data``."""
         if self._head:  # a header split across reads: joined to this one (rare, < 10 bytes)
             data, self._head = self._head + data, b""
         pos, end = self._skip, len(data)
+        mask, limit, message = self._mask, self._limit, self._message
+        header = 6 if mask else 2  # a frame's header without its extended length
         while pos < end:
             # Only the first two bytes and the length field are read; the mask and the
             # payload are skipped like the rest of the frame.
             if end - pos < 2:
                 break
             first, second = data[pos], data[pos + 1]
-            if second & 0x80 != self._mask:
+            if second & 0x80 != mask:
                 return PROTOCOL_ERROR
             length = second & 0x7F
-            size = 6 if self._mask else 2  # the header, with the mask if any
+            size = header
             if first & _CONTROL:
                 if length > 125 or not first & _FINAL or first & 0x0F not in _KNOWN_CONTROL:
                     return PROTOCOL_ERROR
@@ -74,12 +77,13 @@ class FrameTracker:
                         break
                     length = int.from_bytes(data[pos + 2 : pos + 2 + extra], "big")
                     size += extra
-                self._message += length
-                if self._limit is not None and self._message > self._limit:
+                message += length
+                if limit is not None and message > limit:
                     return MESSAGE_TOO_BIG
                 if first & _FINAL:
-                    self._message = 0
+                    message = 0
             pos += size + length
+        self._message = message
         if pos < end:  # the length field is cut short: the rest comes with the next read
             self._head, self._skip = data[pos:], 0
         else:
