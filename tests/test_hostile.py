@@ -392,3 +392,33 @@ async def test_control_frames_over_125_bytes_or_fragmented_close_both_sides_with
                         break
                     await asyncio.sleep(0.05)
                 assert servers[0].knobs.ws_close_code == 1002
+
+
+async def test_a_head_trickled_in_pieces_is_read_once_and_a_long_line_refused_early():
+    async with backends("a") as servers:
+        config = one_backend(servers[0], limits={"maxHeaderSize": 2048})
+        async with balancer(config) as lb:
+            host, port = lb.url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            head = b"GET /echo?t=1 HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"s" * 1500 + b"\r\n\r\n"
+            for start in range(0, len(head), 7):  # many small writes, each read on its own
+                writer.write(head[start : start + 7])
+                await writer.drain()
+                await asyncio.sleep(0.0005)
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert answer.startswith(b"HTTP/1.1 200 ")
+            writer.close()
+            # A line that will never end is refused once it passes the limit, whatever the
+            # head limit (64 KiB) still allows.
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+            try:
+                for _ in range(100):
+                    writer.write(b"e" * 100)
+                    await writer.drain()
+                    await asyncio.sleep(0.001)
+            except ConnectionError:
+                pass
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            assert statuses(answer) == [431] and b"eee" not in answer

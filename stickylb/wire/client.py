@@ -217,9 +217,11 @@ class ClientConnection(asyncio.Protocol):
         "_front",
         "_head_bytes",
         "_header_count",
+        "_held",
         "_idle",
         "_keep",
         "_left",
+        "_line_in",
         "_lingering",
         "_loop",
         "_overflow",
@@ -267,6 +269,8 @@ class ClientConnection(asyncio.Protocol):
         self._eof = False
         self._idle = True
         self._lingering = -1  # bytes discarded while closing; -1: not closing
+        self._held = bytearray()  # the end of a head that is not a whole line yet
+        self._line_in = False  # whether the current head's request line has been fed
         self._read_pause = 0  # bit 1: the exchange's flow control; bit 2: queued requests
         self._write_paused = False
         self._pending_head: list[bytes] | None = None
@@ -325,11 +329,11 @@ class ClientConnection(asyncio.Protocol):
             room = max_head - self._head_bytes
             if len(data) <= room:
                 self._head_bytes += len(data)
-                self._feed(data)
+                self._feed_head(data)
                 break
             self._head_bytes = max_head
             part, data = data[:room], data[room:]
-            self._feed(part)
+            self._feed_head(part)
             if self._head_bytes >= 0:  # still inside the same head: too large
                 if self._refusal is None and self._broken is None:
                     self._refuse(HeadersTooLarge("head over limits.maxHeadSize"))
@@ -389,6 +393,30 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(self._refusal or InternalError("request handling failed"))
         except httptools.HttpParserError as error:
             self._refuse(self._refusal or BadRequest(f"malformed request: {error}"))
+
+    def _feed_head(self, data: bytes) -> None:
+        """Feed bytes of a head. Past its request line only whole lines reach the parser, so
+        it never gets a header in pieces (it would join each new piece to the ones before,
+        a copy per read): each byte of a head is copied a bounded number of times."""
+        held = self._held
+        if not held and (not self._line_in or b"\r\n\r\n" in data):
+            self._feed(data)  # the usual case: a whole head (or the request line) in one read
+            if not self._line_in and b"\n" in data:
+                self._line_in = True
+            return
+        held += data
+        end = held.rfind(b"\n")
+        if end < 0:
+            if len(held) > self._front.max_line:
+                self._refuse(HeadersTooLarge("a header over limits.maxHeaderSize"))
+            return
+        lines = bytes(held[: end + 1])
+        del held[: end + 1]
+        self._feed(lines)
+        if held and self._head_bytes < 0 and self._refusal is None:
+            rest = bytes(held)  # the head has ended: what follows is a body or a request
+            held.clear()
+            self._feed(rest)
 
     def _body_bypass(self, data: bytes) -> bytes:
         """Relay the next part of a Content-Length body; return what follows it."""
@@ -580,6 +608,7 @@ class ClientConnection(asyncio.Protocol):
         """The request being parsed has ended (the next bytes start a new one)."""
         request = self._parsing
         self._head_bytes = 0
+        self._line_in = False
         if request is None or request.framing == NO_BODY:
             return  # complete since its head: the exchange knows there is no body
         request.complete = True
@@ -622,6 +651,7 @@ class ClientConnection(asyncio.Protocol):
         self._accept(request)
         if request.framing == NO_BODY:
             self._head_bytes = 0
+            self._line_in = False
         if rest:
             self.data_received(rest)
         else:
