@@ -575,10 +575,7 @@ class BackendConnection(asyncio.Protocol):
             raise _Stop()
         try:
             framing, length = response_framing(
-                self._head_request,
-                status,
-                self.content_length,
-                self._transfer_encoding,
+                self._head_request, status, self.content_length, self._transfer_encoding
             )
         except UpstreamError as exc:
             self._failure = exc

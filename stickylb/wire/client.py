@@ -580,7 +580,6 @@ class ClientConnection(asyncio.Protocol):
     def _start(self, request: Request) -> None:
         self.request = request
         self._idle = False
-        self._pending_head = None
         self._sent = 0
         self._status = 0
         self._keep = True
@@ -912,7 +911,8 @@ class ClientConnection(asyncio.Protocol):
         request = self.request
         if request is not None:
             request.sink = None
-            self._log(request)
+            if self._front.access_log is not None:
+                self._log(request)
         self.request = None
         transport = self.transport
         if transport is None:
