@@ -57,7 +57,8 @@ def _request_of(request: web.Request) -> Request:
     out.host = request.headers.get(hdrs.HOST, "").encode("utf-8", "surrogateescape") or None
     cookie = request.headers.get(hdrs.COOKIE)
     out.cookie = cookie.encode("utf-8", "surrogateescape") if cookie is not None else None
-    out.connection = request.headers.get(hdrs.CONNECTION, "").lower().encode()
+    connection = ",".join(request.headers.getall(hdrs.CONNECTION, ()))
+    out.connection = connection.lower().encode("latin-1", "replace")
     upgrade = request.headers.get(hdrs.UPGRADE, "").encode()
     if b"websocket" in tokens(upgrade) and b"upgrade" in tokens(out.connection):
         out.upgrade = b"websocket"

@@ -3,9 +3,11 @@
 ``Server`` listens for one ``Balancer``: every accepted connection gets a
 ``wire.client.ClientConnection``, and every request it reads goes through the balancer's
 pipeline. The listening sockets are stickylb's own (bound here, or handed over by
-``--workers``); asyncio's server accepts on a duplicate of each, so accepting can pause (when
-stickylb runs out of file descriptors) and resume without ever closing the port: connections
-that arrive meanwhile wait in the kernel's backlog.
+``--workers``), and so is accepting (``Acceptor``: the loop's ``add_reader`` and
+``connect_accepted_socket``), so that running out of file descriptors is handled the same way
+on every loop: accepting pauses for a second, with one log line, and the connections that
+arrive meanwhile wait in the kernel's backlog instead of being taken only to fail. A request
+that could not get a socket to its backend pauses accepting the same way.
 
 On the first signal the listening sockets close, idle keep-alive connections are dropped,
 open WebSockets get 1001 (going away), and in-flight requests get up to ``shutdownTimeout`` to
@@ -68,10 +70,63 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
+class Acceptor:
+    """Accepts connections on one listening socket and gives each a protocol."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        factory: Callable[[], asyncio.Protocol],
+        server: Server,
+    ) -> None:
+        self._sock = sock
+        self._factory = factory
+        self._server = server  # told when out of file descriptors, and when that is over
+        self._loop = asyncio.get_running_loop()
+        self._reading = False
+        self._handshakes: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        if not self._reading and self._sock.fileno() >= 0:
+            self._loop.add_reader(self._sock.fileno(), self._ready)
+            self._reading = True
+
+    def pause(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._sock.fileno())
+            self._reading = False
+
+    def _ready(self) -> None:
+        for _ in range(BACKLOG):  # what is waiting, in one go; the loop gets its turn after
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRNOS:
+                    self._server.pause_accepting(exc.strerror or "out of resources")
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # the client gave up before we took it
+                raise
+            conn.setblocking(False)
+            if self._server.starved:
+                self._server.accepting_again()
+            task = self._loop.create_task(self._connect(conn))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn)
+        except OSError:
+            conn.close()
+
+
 class Server:
     """One balancer listening with stickylb's wire protocol.
 
-    >>> # async with / start-stop, as ``serve`` does:
+    >>> # as ``serve`` does, or next to other things on one event loop:
     >>> # server = Server(config); await server.start(); ...; await server.stop()
     """
 
@@ -98,8 +153,9 @@ class Server:
             access_log=AccessLog(access_log) if access_log is not None else None,
         )
         self.balancer.pipeline.on_local_error = self.pause_accepting
+        self.starved = False  # out of file descriptors since the last accept that worked
         self._sockets: list[socket.socket] = []
-        self._servers: list[asyncio.AbstractServer] = []
+        self._acceptors: list[Acceptor] = []
         self._resume: asyncio.TimerHandle | None = None
         self._stopping = False
 
@@ -126,42 +182,32 @@ class Server:
                     f"cannot listen on {config.host}:{config.port}: {exc.strerror}"
                 ) from None
         await self.balancer.start()
-        await self._accept()
+        self._acceptors = [Acceptor(sock, self.front, self) for sock in self._sockets]
+        for acceptor in self._acceptors:
+            acceptor.start()
         return self.addresses
 
-    async def _accept(self) -> None:
-        loop = asyncio.get_running_loop()
-        servers: list[asyncio.AbstractServer] = []
-        try:
-            for sock in self._sockets:
-                servers.append(
-                    await loop.create_server(self.front, sock=sock.dup(), backlog=BACKLOG)
-                )
-        except OSError as exc:
-            for server in servers:
-                server.close()
-            if exc.errno not in _RESOURCE_ERRNOS or self._stopping:
-                raise
-            log.warning("still out of file descriptors: accepting again in %gs", ACCEPT_PAUSE)
-            self._resume = loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
-            return
-        self._servers = servers
-
-    def pause_accepting(self) -> None:
+    def pause_accepting(self, why: str = "out of file descriptors") -> None:
         """Out of file descriptors: stop accepting for a moment (new connections wait in the
-        kernel's backlog) rather than accept them only to fail their requests."""
+        kernel's backlog) rather than take them only to fail their requests."""
         if self._resume is not None or self._stopping:
             return
-        for server in self._servers:
-            server.close()
-        self._servers = []
-        loop = asyncio.get_running_loop()
-        self._resume = loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
+        if not self.starved:  # one line when it starts, one when it is over
+            self.starved = True
+            log.warning("%s: accepting paused, retried every %gs", why, ACCEPT_PAUSE)
+        for acceptor in self._acceptors:
+            acceptor.pause()
+        self._resume = asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._resume_accepting)
+
+    def accepting_again(self) -> None:
+        self.starved = False
+        log.info("accepting connections again")
 
     def _resume_accepting(self) -> None:
         self._resume = None
         if not self._stopping:
-            asyncio.get_running_loop().create_task(self._accept())
+            for acceptor in self._acceptors:
+                acceptor.start()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, end idle connections and tunnels, give in-flight requests up to
@@ -169,8 +215,8 @@ class Server:
         self._stopping = True
         if self._resume is not None:
             self._resume.cancel()
-        for server in self._servers:
-            server.close()
+        for acceptor in self._acceptors:
+            acceptor.pause()
         for sock in self._sockets:
             sock.close()
         front = self.front
@@ -199,7 +245,6 @@ async def serve(
 ) -> None:
     """Run the balancer until SIGTERM or SIGINT (on ``sockets`` when given, as workers do)."""
     loop = asyncio.get_running_loop()
-    loop.set_exception_handler(_quiet_resource_errors)
     server = Server(config, balancer, access_log=access_log)
     addresses = await server.start(sockets)
     # Everything built so far lives as long as the process: keep it out of every GC pass, and
@@ -240,16 +285,6 @@ async def serve(
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
     log.info("stickylb stopped")
-
-
-def _quiet_resource_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """asyncio reports running out of file descriptors while accepting (and pauses accepting
-    itself); one line says it, without a traceback."""
-    exc = context.get("exception")
-    if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
-        log.warning("accepting paused: %s", os.strerror(exc.errno or 0))
-        return
-    loop.default_exception_handler(context)
 
 
 def _address(sockname: Any) -> str:

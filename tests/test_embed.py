@@ -13,7 +13,7 @@ from stickylb import build_config, handler_args, install
 from .support import SEEN, backends, backends_config, start_app, until
 
 
-async def test_an_embedding_app_serves_http_websockets_and_the_admin_endpoints():
+async def test_an_embedding_app_serves_http_websockets_and_the_admin_endpoints(caplog):
     async def own(request: web.Request) -> web.Response:
         return web.Response(text="mine")
 
@@ -53,6 +53,7 @@ async def test_an_embedding_app_serves_http_websockets_and_the_admin_endpoints()
         finally:
             await front.stop()
         assert all("lb" not in r["path"] for s in servers for r in s.app[SEEN])
+    assert not [r for r in caplog.records if r.levelno >= 40], caplog.text
 
 
 async def test_an_embedded_upload_streams_with_its_own_framing():

@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 
 from .support import SEEN, backends, balancer, one_backend, run_cli, spawn_balancer
+from .test_ws_tunnel import raw_upgrade
 
 SMUGGLING = {
     "cl-and-te": b"POST /echo?m=S HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
@@ -109,14 +110,7 @@ async def test_junk_on_a_websocket_gets_a_clean_close(caplog):
     async with backends("a") as servers:
         config = one_backend(servers[0], health={"enabled": False})
         async with balancer(config) as lb:
-            host, port = lb.url.removeprefix("http://").split(":")
-            reader, writer = await asyncio.open_connection(host, int(port))
-            writer.write(
-                b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-            )
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            reader, writer, head = await raw_upgrade(lb.url)
             assert head.startswith(b"HTTP/1.1 101")
             # an unmasked frame with a reserved opcode and a bogus length: a protocol error
             writer.write(bytes([0x8F, 0x7F]) + struct.pack("!Q", 2**62) + os.urandom(64))
@@ -373,14 +367,7 @@ async def test_control_frames_over_125_bytes_or_fragmented_close_both_sides_with
         ):
             servers[0].knobs.ws_close_code = None
             async with balancer(one_backend(servers[0])) as lb:
-                host, port = lb.url.removeprefix("http://").split(":")
-                reader, writer = await asyncio.open_connection(host, int(port))
-                writer.write(
-                    b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                    b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-                )
-                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                reader, writer, _ = await raw_upgrade(lb.url)
                 hello = await asyncio.wait_for(reader.readexactly(2), 5)
                 await reader.readexactly(hello[1] & 0x7F)  # "hello from a"
                 writer.write(bad + b"p" * 10_000)

@@ -153,10 +153,13 @@ class Connections:
 
     def take(self) -> BackendConnection | None:
         """The most recently released idle connection, if any (last in, first out)."""
-        if self._idle:
-            connection = self._idle.popitem()[0]
-            connection.deadline = NEVER
-            return connection
+        idle = self._idle
+        while idle:
+            connection = idle.popitem()[0]
+            transport = connection.transport
+            if transport is not None and not transport.is_closing():  # not closed meanwhile
+                connection.deadline = NEVER
+                return connection
         return None
 
     async def open(self) -> BackendConnection:
@@ -181,13 +184,16 @@ class Connections:
     def release(self, connection: BackendConnection, reusable: bool) -> None:
         """Take back a connection whose exchange is over: kept if it may serve another."""
         connection.user = None
-        settings = self.settings
-        if not (reusable and settings.keep_alive and connection.transport is not None):
+        settings, idle = self.settings, self._idle
+        keep = reusable and settings.keep_alive and settings.max_idle
+        if not keep or connection.transport is None:
             connection.close()
             return
-        if len(self._idle) >= settings.max_idle:
-            next(iter(self._idle)).close()  # the least recently used one makes room
-        self._idle[connection] = None
+        if len(idle) >= settings.max_idle:
+            oldest = next(iter(idle))  # the least recently used one makes room
+            del idle[oldest]
+            oldest.close()
+        idle[connection] = None
         connection.idle_since(settings.keep_alive)
 
     def made(self, connection: BackendConnection) -> None:
