@@ -87,6 +87,7 @@ class AiohttpClient:
         self._held_back = False  # the cycle was told we cannot take more
         self._body_go = asyncio.Event()
         self._body_go.set()
+        self._tunnel_closed: asyncio.Future[None] | None = None
 
     # --- what the cycle calls ----------------------------------------------------------------
 
@@ -253,8 +254,6 @@ class AiohttpClient:
         with contextlib.suppress(asyncio.CancelledError):
             await closed
         return response
-
-    _tunnel_closed: asyncio.Future[None] | None = None
 
     def tunnel_closed(self) -> None:
         future = self._tunnel_closed

@@ -8,7 +8,7 @@ answers on uvloop, ~120,000 page faults a second and a third or more CPU per MiB
 with the settings below (``perf stat``, ``benchmarks/``). Allocations under 1 MiB now come
 from the heap and up to 8 MiB of free heap is kept for reuse: resident memory is higher by at
 most that, and it does not climb, because what waits per connection is bounded
-(``upstream.BODY_BUFFER``). An operator's own ``MALLOC_*`` settings win.
+(``wire.client.WRITE_HIGH_WATER``). An operator's own ``MALLOC_*`` settings win.
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ Invariants this module owns:
 - ``choose`` returns the pinned backend while it can take the request; otherwise it balances
   with the strategy over the backends that are up, not full and of positive weight.
 - ``active`` counts in-flight HTTP requests and open WebSockets. Every ``acquire`` is paired
-  with exactly one ``release`` by the caller (``try/finally``), so it is never negative and
-  returns to zero when traffic ends.
+  with exactly one ``release`` by the request that made it (``RequestCycle._release_backend``,
+  its one place for that), so it is never negative and returns to zero when traffic ends.
 - A state change (from active checks or passive detection) is reported once to every listener.
 
-No I/O happens here; the health checker and the proxy feed it.
+No I/O happens here; the health checker and the request pipeline feed it.
 """
 
 from __future__ import annotations

@@ -60,8 +60,6 @@ CONNECT_ERRNOS = {
     errno.ENETUNREACH: "network unreachable",
     errno.ECONNRESET: "connection reset",
 }
-# Reads from a backend stop once this much of its answer waits for a slow client.
-CLIENT_BUFFER = 256 * 1024
 
 
 class Exchange(Protocol):
@@ -208,10 +206,6 @@ class Connections:
     def detach(self, connection: BackendConnection) -> None:
         """The connection became a tunnel: no longer ours to keep, time or close."""
         self.lost(connection)
-
-    @property
-    def idle(self) -> int:
-        return len(self._idle)
 
     def close(self) -> None:
         for connection in list(self._open):
