@@ -40,8 +40,6 @@ FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
 FORWARDING_HEADERS = frozenset(
     {b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
 )
-# Requests never carry these upstream: the proxy answered "100 Continue" itself.
-REQUEST_ONLY_HERE = frozenset({b"expect"})
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
