@@ -44,17 +44,20 @@ class Balancer:
         timeouts, limits = config.timeouts, config.limits
         self.sweeper = Sweeper(
             min(
-                value
-                for value in (
-                    timeouts.connect,
-                    timeouts.read,
-                    timeouts.keep_alive,
-                    timeouts.head,
-                    timeouts.client_body,
-                    timeouts.backend_keep_alive,
-                    timeouts.websocket_idle,
-                )
-                if value > 0
+                (
+                    value
+                    for value in (
+                        timeouts.connect,
+                        timeouts.read,
+                        timeouts.keep_alive,
+                        timeouts.head,
+                        timeouts.client_body,
+                        timeouts.backend_keep_alive,
+                        timeouts.websocket_idle,
+                    )
+                    if value > 0
+                ),
+                default=1.0,
             )
         )
         self.connection_settings = ConnectionSettings(

@@ -417,3 +417,14 @@ async def test_chunked_request_trailers_reach_the_backend():
         server.close()
         await server.wait_closed()
     assert received[0].endswith(b"3\r\nabc\r\n0\r\nX-Checksum: 900150983cd24fb0\r\n\r\n")
+
+
+async def test_zero_timeouts_mean_none():
+    zero = {"keepAlive": 0, "read": 0, "clientBody": 0, "websocketIdle": 0}
+    async with backends("a") as servers:
+        async with balancer(lb_config(*servers, timeouts=zero)) as lb, raw_client(lb.url) as client:
+            await client.send(get("/echo?n=1"))
+            assert (await client.reply()).status == 200
+            await asyncio.sleep(0.3)  # idle, and not closed for it
+            await client.send(get("/slow?delay=0.3"))
+            assert (await client.reply()).status == 200

@@ -165,7 +165,7 @@ class Front:
         self.max_line = max_line
         self.max_headers = max_headers
         self.head_timeout = head_timeout or NEVER
-        self.keep_alive = keep_alive
+        self.keep_alive = keep_alive or NEVER  # 0: idle connections are never closed
         self.body_timeout = body_timeout or NEVER
         self.send_timeout = send_timeout or NEVER
         self.scheme = scheme
