@@ -232,7 +232,6 @@ class RequestCycle:
         "_internal",
         "_p",
         "_request",
-        "_status",
         "_target",
         "_task",
         "_token",
@@ -258,7 +257,6 @@ class RequestCycle:
         self._fresh_retry = False
         self._body_sent = False
         self._body_received = 0
-        self._status = 0
 
     # --- 1. the request ----------------------------------------------------------------------
 
@@ -449,7 +447,7 @@ class RequestCycle:
 
     @staticmethod
     def _last_chunk(trailers: list[Header] | None) -> bytes:
-        return last_chunk(header_lines(trailers, not_forwarded(b"")) if trailers else None)
+        return last_chunk(_trailer_lines(trailers))
 
     def backend_writable(self, writable: bool) -> None:
         if writable:
@@ -473,7 +471,6 @@ class RequestCycle:
         conn = self._conn
         assert conn is not None
         self._answered = True
-        self._status = status
         parts = header_lines(headers, not_forwarded(conn.connection))
         length_header = conn.content_length
         if framing == NO_BODY and length_header is not None and status >= 200 and status != 204:
@@ -487,7 +484,7 @@ class RequestCycle:
     def response_end(self, trailers: list[Header] | None) -> None:
         self._let_go(reusable=self._request.complete)
         self._finish()
-        self._client.send_end(header_lines(trailers, not_forwarded(b"")) if trailers else None)
+        self._client.send_end(_trailer_lines(trailers))
 
     def response_upgrade(
         self, conn: BackendConnection, reason: bytes, headers: list[Header], early: bytes
@@ -503,7 +500,6 @@ class RequestCycle:
             self.backend_failed(UpstreamError("101 without a WebSocket upgrade", request_sent=True))
             return
         self._answered = True
-        self._status = 101
         parts = header_lines(headers, not_forwarded(conn.connection))
         self._mark(parts)
         head = b"".join(
@@ -748,3 +744,8 @@ class RequestCycle:
             return self._internal.name
         backend = backend or self._backend or (self._choice.backend if self._choice else None)
         return f"backend {backend.id}" if backend is not None else "no backend"
+
+
+def _trailer_lines(trailers: list[Header] | None) -> list[bytes] | None:
+    """Trailers as they cross the proxy (either way): hop-by-hop and framing names dropped."""
+    return header_lines(trailers, not_forwarded(b"")) if trailers else None

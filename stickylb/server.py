@@ -81,7 +81,7 @@ class Acceptor:
     ) -> None:
         self._sock = sock
         self._factory = factory
-        self._server = server  # told when out of file descriptors, and when that is over
+        self._listener = server  # told when out of file descriptors, and when that is over
         self._loop = asyncio.get_running_loop()
         self._reading = False
         self._handshakes: set[asyncio.Task[None]] = set()
@@ -104,14 +104,14 @@ class Acceptor:
                 return
             except OSError as exc:
                 if exc.errno in _RESOURCE_ERRNOS:
-                    self._server.pause_accepting(exc.strerror or "out of resources")
+                    self._listener.pause_accepting(exc.strerror or "out of resources")
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue  # the client gave up before we took it
                 raise
             conn.setblocking(False)
-            if self._server.starved:
-                self._server.accepting_again()
+            if self._listener.starved:
+                self._listener.accepting_again()
             task = self._loop.create_task(self._connect(conn))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)

@@ -226,7 +226,6 @@ class BackendConnection(asyncio.Protocol):
         "_headers",
         "_keep",
         "_left",
-        "_length",
         "_loop",
         "_parser",
         "_read_paused",
@@ -275,7 +274,6 @@ class BackendConnection(asyncio.Protocol):
         self._final = False  # the head of the final (non-1xx) answer has arrived
         self._complete = False
         self._framing = NO_BODY
-        self._length = 0
         self._left = 0  # bytes of a Content-Length body still to come, past the parser
         self._keep = False
         self._received = False
@@ -583,7 +581,7 @@ class BackendConnection(asyncio.Protocol):
         self._final = True
         self._head_bytes = -1
         self._status = status
-        self._framing, self._length = framing, length
+        self._framing = framing
         self._keep = parser.should_keep_alive()
         if status == 101:
             return  # the parser stops here; the upgrade is handed over after the read

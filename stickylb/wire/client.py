@@ -63,6 +63,7 @@ from .http1 import (
     LENGTH,
     NO_BODY,
     Answer,
+    chunk,
     last_chunk,
     request_framing,
     status_line,
@@ -780,7 +781,7 @@ class ClientConnection(asyncio.Protocol):
             return
         head, self._pending_head = self._pending_head, None
         if self._chunked:
-            framed = (b"%x\r\n" % len(piece), piece, b"\r\n")
+            framed = chunk(piece)
             parts = [*head, *framed] if head else framed
         elif head:
             head.append(piece)
@@ -816,10 +817,7 @@ class ClientConnection(asyncio.Protocol):
         """A complete answer of our own, instead of a relayed one."""
         request = self.request
         assert request is not None
-        if close:
-            self._keep = False
-        else:
-            self._keep = self._keeps(request)
+        self._keep = not close and self._keeps(request)
         self._write_answer(answer, version=request.version, head_request=request.method == b"HEAD")
         self._answered()
 
