@@ -9,11 +9,18 @@ Embedding in an aiohttp application::
 
     from stickylb import build_app, install
     app = build_app(build_config({"port": 3001, "backends": [...]}))
+
+A backend registering itself (and leaving gracefully at the end of the block)::
+
+    async with stickylb.registered("http://127.0.0.1:3001", id="web-7",
+                                   url="http://127.0.0.1:5007", ttl="30s", token=TOKEN):
+        await serve_forever()
 """
 
 from .app import BALANCER_KEY, Balancer, build_app, handler_args, install
 from .config import Config, ConfigError, build_config, load_config
 from .health import BackendView
+from .registration import Registration, RegistrationError, registered
 from .server import Server, StartupError, serve
 
 __version__ = "0.1.0"
@@ -24,6 +31,8 @@ __all__ = [
     "Balancer",
     "Config",
     "ConfigError",
+    "Registration",
+    "RegistrationError",
     "Server",
     "StartupError",
     "__version__",
@@ -32,5 +41,6 @@ __all__ = [
     "handler_args",
     "install",
     "load_config",
+    "registered",
     "serve",
 ]

@@ -98,18 +98,18 @@ class AlertMailer:
 
     def _single_message(self, change: StateChange) -> EmailMessage:
         backend = change.backend
-        if change.healthy:
+        if change.admin is not None:
+            subject = f"[stickylb] Backend {backend.id} {ADMIN_SUBJECTS[change.admin]}"
+        elif change.healthy:
             subject = f"[stickylb] Backend {backend.id} recovered"
-            state = "UP (recovered)"
         else:
             subject = f"[stickylb] Backend {backend.id} is down"
-            state = "DOWN"
         message = self._base_message(backend, subject)
         message.set_content(
             f"Backend: {backend.id}\n"
             f"URL: {backend.config.url}\n"
-            f"State: {state}\n"
-            f"Reason: {change.reason if not change.healthy else 'health checks pass again'}\n"
+            f"State: {_state(change)}\n"
+            f"Reason: {_reason(change)}\n"
             f"Time: {_when(change.at)}\n"
             f"Load balancer: {self._origin}\n"
         )
@@ -117,21 +117,17 @@ class AlertMailer:
 
     def _summary_message(self, backend: Backend, changes: list[StateChange]) -> EmailMessage:
         final = changes[-1]
-        state = "up" if final.healthy else "down"
+        state = _state(final).split(" ")[0].lower()
         subject = (
             f"[stickylb] Backend {backend.id} is flapping: {len(changes)} changes, now {state}"
         )
         message = self._base_message(backend, subject)
-        lines = [
-            f"- {_when(c.at)}: {'UP' if c.healthy else 'DOWN'}"
-            + ("" if c.healthy else f" ({c.reason})")
-            for c in changes
-        ]
+        lines = [f"- {_when(c.at)}: {_state(c)} ({_reason(c)})" for c in changes]
         message.set_content(
             f"Backend: {backend.id}\n"
             f"URL: {backend.config.url}\n"
-            f"State now: {'UP (recovered)' if final.healthy else 'DOWN'}\n"
-            f"Reason: {final.reason if not final.healthy else 'health checks pass again'}\n"
+            f"State now: {_state(final)}\n"
+            f"Reason: {_reason(final)}\n"
             f"Time: {_when(final.at)}\n"
             f"Load balancer: {self._origin}\n\n"
             f"Changes within the {self._email.cooldown:g} s cooldown:\n" + "\n".join(lines) + "\n"
@@ -202,6 +198,26 @@ class AlertMailer:
             self.sent += 1
             log.info("alert mail sent: %s", message["Subject"])
             return
+
+
+ADMIN_SUBJECTS = {
+    "ready": "is ready again",
+    "drain": "is draining",
+    "maint": "is in maintenance",
+    "removed": "was removed",
+}
+
+
+def _state(change: StateChange) -> str:
+    if change.admin is not None:
+        return change.admin.upper()
+    return "UP (recovered)" if change.healthy else "DOWN"
+
+
+def _reason(change: StateChange) -> str:
+    if change.admin is not None or not change.healthy:
+        return change.reason or "-"
+    return "health checks pass again"
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,9 +1,10 @@
 """Wiring: one ``Balancer`` built from a ``Config``, and the ways to run it.
 
-The config flows one way: ``Balancer`` reads it once and builds the running pieces (the pool,
-the request pipeline, the connections to each backend, the health checker, the mail queue);
-none of them looks at the config again. ``start()`` and ``stop()`` open and close what lives as
-long as the balancer; nothing is module-level.
+The config flows one way: ``Balancer`` reads it and builds the running pieces (the pool, the
+request pipeline, the connections to each backend, the health checker, the mail queue, runtime
+control); none of them looks at the config again. A reload is the same flow once more: the new
+config goes to each piece through ``Balancer.apply``. ``start()`` and ``stop()`` open and close
+what lives as long as the balancer; nothing is module-level.
 
 Two ways to serve it, one pipeline: ``server.Server`` (what ``python -m stickylb`` and
 ``serve`` use) listens with stickylb's own wire protocol; ``install(app, config)`` /
@@ -13,20 +14,21 @@ same pipeline through ``embed.py``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
 
 from .admin import AdminAccess, AdminEndpoints
 from .alerts import AlertMailer
-from .config import Config, build_config
+from .config import BackendConfig, Config, build_config
+from .control import Control
 from .core.admission import Admission
 from .core.affinity import StickyCookie
 from .core.headers import Forwarding, parse_networks
-from .core.pool import Pool
+from .core.pool import Backend, Pool
 from .health import HealthChecker
-from .pipeline import Internal, Pipeline
+from .pipeline import Internal, Pipeline, PipelineSettings
 from .protocol_log import PROTOCOL_LOGGER
 from .unavailable import UnavailableHandler, fixed_answer
 from .wire.backend import Connections, ConnectionSettings, socketpair_opener, tcp_opener
@@ -34,78 +36,50 @@ from .wire.deadlines import Sweeper
 
 
 class Balancer:
-    """All running pieces of one load balancer, created from its (frozen) config."""
+    """All running pieces of one load balancer, created from its (frozen) config.
 
-    def __init__(self, config: Config, *, send_alerts: bool = True) -> None:
+    ``apply`` hands a new config to every piece (a reload); ``add_backend``, ``update_backend``
+    and ``drop_backend`` change the set of backends (runtime control, ``control.py``).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        send_alerts: bool = True,
+        loader: Callable[[], Config] | None = None,
+    ) -> None:
         self.config = config
         self.pool = Pool.from_config(config)
         self.cookie = StickyCookie(config.cookie)
         self.admission = Admission(config.max_connections, config.max_queue, config.queue_timeout)
-        timeouts, limits = config.timeouts, config.limits
-        self.sweeper = Sweeper(
-            min(
-                (
-                    value
-                    for value in (
-                        timeouts.connect,
-                        timeouts.read,
-                        timeouts.keep_alive,
-                        timeouts.head,
-                        timeouts.client_body,
-                        timeouts.backend_keep_alive,
-                        timeouts.websocket_idle,
-                    )
-                    if value > 0
-                ),
-                default=1.0,
-            )
-        )
-        self.connection_settings = ConnectionSettings(
-            connect_timeout=timeouts.connect,
-            read_timeout=timeouts.read or None,
-            keep_alive=timeouts.backend_keep_alive,
-            max_idle=limits.max_idle_per_backend,
-            max_head=limits.max_head_size,
-        )
-        self.connections = {
-            backend.key: Connections(
-                f"backend {backend.id}",
-                tcp_opener(
-                    backend.url.raw_host or "",
-                    backend.url.port or 80,
-                    backend.url.scheme == "https",
-                ),
-                self.connection_settings,
-                self.sweeper,
-            )
-            for backend in self.pool.backends
-        }
+        self.sweeper = Sweeper(shortest_timeout(config))
+        self.connection_settings = connection_settings(config)
+        for backend in self.pool.backends:
+            self._connect(backend)
         self.access = AdminAccess(config)
-        self.admin = AdminEndpoints(config, self.pool, self.access)
         self.pipeline = Pipeline(
             pool=self.pool,
             cookie=self.cookie,
             admission=self.admission,
-            connections=self.connections,
             sweeper=self.sweeper,
-            sticky=config.sticky,
-            backend_header=config.backend_header,
-            forwarding=Forwarding(
-                preserve_host=config.preserve_host,
-                trusted_proxies=parse_networks(config.trusted_proxies),
-            ),
-            retries=config.retries,
-            max_body=limits.max_body_size,
-            max_message=config.websocket.max_message_size,
-            websocket_idle=timeouts.websocket_idle,
-            admin_prefix=config.admin.prefix,
-            admin_allowed=self.access,
-            unavailable=fixed_answer(config.unavailable),
-            keep_backend_connections=timeouts.backend_keep_alive > 0,
+            settings=pipeline_settings(config, self.access),
         )
         self.checker = HealthChecker(config, self.pool)
+        self.send_alerts = send_alerts
         self.alerts = AlertMailer(config, self.pool) if config.email and send_alerts else None
+        self.control = Control(self, loader)
+        self.checker.on_agent = self.control.agent_says
+        self.admin = AdminEndpoints(self)
+        # Told of every new config after the balancer's own pieces took it (the server's
+        # client-side limits and timeouts).
+        self.reconfigured: list[Callable[[Config], None]] = []
         self._runners: list[web.AppRunner] = []
+
+    @property
+    def checking(self) -> bool:
+        """Whether health checks run (then a backend added while running waits for one)."""
+        return self.config.health.enabled
 
     async def start(self) -> None:
         """Open what lives as long as the balancer: timers, its own endpoints, checks, mail."""
@@ -117,15 +91,17 @@ class Balancer:
             self.pipeline.unavailable_link = await self._internal("unavailable.handler", app)
         if self.alerts is not None:
             await self.alerts.start()
+        self.control.start()
         await self.checker.start()
 
     async def stop(self) -> None:
+        await self.control.stop()
         await self.checker.stop()
         if self.alerts is not None:
             await self.alerts.stop()
         self.pipeline.close_tunnels()
-        for connections in self.connections.values():
-            connections.close()
+        for backend in self.pool.backends:
+            backend.connections.close()
         for link in (self.pipeline.admin_link, self.pipeline.unavailable_link):
             if link is not None:
                 link.connections.close()
@@ -134,6 +110,69 @@ class Balancer:
             await runner.cleanup()
         self._runners.clear()
         self.sweeper.stop()
+
+    # --- a new config (reload) ---------------------------------------------------------------
+
+    async def apply(self, config: Config) -> None:
+        """Every setting of ``config`` except the backends list (``Control.reload`` does that)
+        takes effect now; requests in flight finish as they began."""
+        old, self.config = self.config, config
+        if config.cookie != old.cookie:
+            self.cookie = StickyCookie(config.cookie)
+            self.pool.retoken(self.cookie)
+        self.pool.configure(config)
+        self.admission.configure(config.max_connections, config.max_queue, config.queue_timeout)
+        self.sweeper.period = Sweeper(shortest_timeout(config)).period
+        self.connection_settings = connection_settings(config)
+        for backend in self.pool.backends:
+            backend.connections.settings = self.connection_settings
+        for link in (self.pipeline.admin_link, self.pipeline.unavailable_link):
+            if link is not None:
+                link.connections.settings = self.connection_settings
+        self.access = AdminAccess(config)
+        self.pipeline.configure(self.cookie, pipeline_settings(config, self.access))
+        self.checker.configure(config)
+        if config.email != old.email or config.port != old.port:
+            if self.alerts is not None:
+                await self.alerts.stop()
+                self.pool.unsubscribe(self.alerts.on_change)
+            self.alerts = (
+                AlertMailer(config, self.pool) if config.email and self.send_alerts else None
+            )
+            if self.alerts is not None:
+                await self.alerts.start()
+        for listener in self.reconfigured:
+            listener(config)
+
+    # --- the set of backends (runtime control) ---------------------------------------------------
+
+    def add_backend(self, backend: Backend) -> None:
+        self._connect(backend)
+        self.pipeline.dress(backend)
+        self.pool.add(backend)
+        self.checker.watch(backend)
+
+    def update_backend(self, backend: Backend, config: BackendConfig) -> None:
+        moved = config.url != backend.config.url
+        self.pool.update(backend, config, self.config.health_for(config))
+        if moved:  # requests in flight finish on the old address; new ones go to the new one
+            backend.connections.retire()
+            self._connect(backend)
+            self.checker.watch(backend)  # checked at once, at its new address
+
+    def drop_backend(self, backend: Backend) -> None:
+        self.checker.unwatch(backend)
+        self.pool.remove(backend)
+        backend.connections.retire()
+
+    def _connect(self, backend: Backend) -> None:
+        url = backend.url
+        backend.connections = Connections(
+            f"backend {backend.id}",
+            tcp_opener(url.raw_host or "", url.port or 80, url.scheme == "https"),
+            self.connection_settings,
+            self.sweeper,
+        )
 
     async def _internal(self, name: str, app: web.Application) -> Internal:
         """Serve ``app`` in-process; the pipeline reaches it over socket pairs."""
@@ -154,6 +193,50 @@ class Balancer:
             await self.stop()
 
 
+def shortest_timeout(config: Config) -> float:
+    timeouts = config.timeouts
+    values = (
+        timeouts.connect,
+        timeouts.read,
+        timeouts.keep_alive,
+        timeouts.head,
+        timeouts.client_body,
+        timeouts.backend_keep_alive,
+        timeouts.websocket_idle,
+    )
+    return min((value for value in values if value > 0), default=1.0)
+
+
+def connection_settings(config: Config) -> ConnectionSettings:
+    timeouts, limits = config.timeouts, config.limits
+    return ConnectionSettings(
+        connect_timeout=timeouts.connect,
+        read_timeout=timeouts.read or None,
+        keep_alive=timeouts.backend_keep_alive,
+        max_idle=limits.max_idle_per_backend,
+        max_head=limits.max_head_size,
+    )
+
+
+def pipeline_settings(config: Config, access: AdminAccess) -> PipelineSettings:
+    return PipelineSettings(
+        sticky=config.sticky,
+        backend_header=config.backend_header,
+        forwarding=Forwarding(
+            preserve_host=config.preserve_host,
+            trusted_proxies=parse_networks(config.trusted_proxies),
+        ),
+        retries=config.retries,
+        max_body=config.limits.max_body_size,
+        max_message=config.websocket.max_message_size,
+        websocket_idle=config.timeouts.websocket_idle,
+        admin_prefix=config.admin.prefix,
+        admin_allowed=access,
+        unavailable=fixed_answer(config.unavailable),
+        keep_backend_connections=config.timeouts.backend_keep_alive > 0,
+    )
+
+
 BALANCER_KEY = web.AppKey("stickylb.balancer", Balancer)
 
 
@@ -163,7 +246,7 @@ def install(app: web.Application, config: Config, *, send_alerts: bool = True) -
 
     balancer = Balancer(config, send_alerts=send_alerts)
     app[BALANCER_KEY] = balancer
-    balancer.admin.routes(app, check_access=True)
+    balancer.admin.routes(app, config.admin.prefix, check_access=True)
     app.router.add_route("*", "/{tail:.*}", handler(balancer.pipeline))
     app.cleanup_ctx.append(balancer.lifespan)
     return balancer

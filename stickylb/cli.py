@@ -1,4 +1,5 @@
-"""The command line: ``stickylb CONFIG``, ``stickylb --check CONFIG``, ``stickylb demo``.
+"""The command line: ``stickylb CONFIG``, ``stickylb --check CONFIG``, ``stickylb demo``,
+``stickylb ctl ...`` (``ctl.py``).
 
 Exit status: 0 on a clean stop, 2 for an invalid config (one line per problem on stderr, no
 traceback), 1 when the balancer cannot start (port in use, ...).
@@ -18,6 +19,7 @@ from . import __version__
 from .app import Balancer
 from .config import ConfigError, describe, load_config
 from .console import EXIT_CONFIG, EXIT_STARTUP, LOG_LEVELS, setup_logging
+from .group import Member
 from .loops import LOOP_CHOICES, loop_factory, loop_name
 from .memory import tune_malloc
 from .server import StartupError, serve
@@ -28,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stickylb",
         description="Sticky-session HTTP and WebSocket load balancer. "
-        "Run 'stickylb demo' for a three-backend demo.",
+        "Run 'stickylb demo' for a three-backend demo, 'stickylb ctl --help' to change a "
+        "running one.",
     )
     parser.add_argument("config", help="path to the JSON config file")
     parser.add_argument(
@@ -72,6 +75,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         demo_main(args_list[1:])
         return
+    if args_list and args_list[0] == "ctl":
+        from .ctl import main as ctl_main
+
+        ctl_main(args_list[1:])
+        return
     args = _parser().parse_args(args_list)
     try:
         config = load_config(args.config)
@@ -96,16 +104,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     access_log = logging.getLogger("stickylb.access") if args.access_log else None
     tune_malloc()
 
-    def run(sockets: list[socket.socket] | None = None, index: int = 0) -> None:
+    def run(
+        sockets: list[socket.socket] | None = None,
+        index: int = 0,
+        channel: socket.socket | None = None,
+    ) -> None:
         with asyncio.Runner(loop_factory=factory) as runner:
-            balancer = Balancer(config, send_alerts=index == 0)
-            runner.run(serve(config, balancer, access_log=access_log, sockets=sockets))
+            balancer = Balancer(
+                config, send_alerts=index == 0, loader=lambda: load_config(args.config)
+            )
+            main = serve(config, balancer, access_log=access_log, sockets=sockets)
+            if channel is not None:
+                main = Member(balancer, channel, index).run(main)
+            runner.run(main)
 
     try:
         if args.workers > 1:
 
-            def worker(index: int, sockets: list[socket.socket]) -> int:
-                run(sockets, index)
+            def worker(index: int, sockets: list[socket.socket], channel: socket.socket) -> int:
+                run(sockets, index, channel)
                 return 0
 
             sys.exit(run_workers(args.workers, config, worker))

@@ -71,6 +71,7 @@ DEFAULT_RISE = 2
 DEFAULT_FALL = 3
 DEFAULT_MAX_FAILS = 3
 DEFAULT_FAIL_WINDOW = 10.0
+DEFAULT_AGENT_HEADER = "X-Stickylb-State"
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_MAIL_COOLDOWN = 60.0
 DEFAULT_MAIL_TIMEOUT = 10.0
@@ -211,6 +212,9 @@ class LimitsConfig(_Model):
 
 class WebSocketConfig(_Model):
     max_message_size: ByteSize = DEFAULT_WS_MAX_MESSAGE_SIZE
+    # Under maint, removal, reload or shutdown, a backend's WebSockets are closed with 1012
+    # spread over this time; None leaves them open until they close (shutdown: 1001 at once).
+    drain_timeout: Duration | None = None
 
 
 class HealthConfig(_Model):
@@ -232,6 +236,9 @@ class HealthConfig(_Model):
     fall: int = Field(default=DEFAULT_FALL, ge=1)
     max_fails: int = Field(default=DEFAULT_MAX_FAILS, ge=0)
     fail_window: Duration = DEFAULT_FAIL_WINDOW
+    slow_start: Duration = 0.0
+    # A check answer carrying this header (drain, maint or ready) sets the backend's state.
+    agent_header: str | None = DEFAULT_AGENT_HEADER
 
     _algorithm = field_validator("algorithm")(_check_algorithm)
     _method = field_validator("method")(_check_method)
@@ -262,6 +269,7 @@ class BackendConfig(_Model):
     health_expect_body: str | None = None
     health_rise: int | None = Field(default=None, ge=1)
     health_fall: int | None = Field(default=None, ge=1)
+    health_slow_start: Duration | None = None
 
     @field_validator("id", mode="before")
     @classmethod
@@ -418,6 +426,7 @@ class Config(BaseSettings):
     health: HealthConfig = HealthConfig()
     email: EmailConfig | None = None
     admin: AdminConfig = AdminConfig()
+    state_file: str | None = None
     backends: list[BackendConfig] = Field(min_length=1)
 
     _networks = field_validator("trusted_proxies")(_check_networks)
@@ -476,6 +485,7 @@ class Config(BaseSettings):
             ),
             rise=pick(backend.health_rise, g.rise),
             fall=pick(backend.health_fall, g.fall),
+            slow_start=pick(backend.health_slow_start, g.slow_start),
         )
 
 
@@ -492,6 +502,7 @@ class HealthSettings:
     rule: ResponseRule
     rise: int
     fall: int
+    slow_start: float = 0.0
 
     def public(self) -> dict[str, Any]:
         """The ``healthCheck`` object of ``/_lb/health``: never a header value."""

@@ -16,7 +16,7 @@ import asyncio
 import inspect
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -80,34 +80,62 @@ class HealthChecker:
     def __init__(self, config: Config, pool: Pool) -> None:
         self._config = config.health
         self._pool = pool
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[Backend, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._rng = random.Random()
+        self._running = False
+        # Told when a check's answer carries the agent header (``health.agentHeader``).
+        self.on_agent: Callable[[Backend, str], None] = lambda backend, value: None
 
     async def start(self) -> None:
-        if not self._config.enabled:
-            return
+        self._running = True
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=True),
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             trust_env=False,
         )
-        self._tasks = [
-            asyncio.create_task(self._loop(backend), name=f"stickylb-health-{backend.id}")
-            for backend in self._pool.backends
-        ]
+        for backend in self._pool.backends:
+            self.watch(backend)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        self._running = False
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with suppress(asyncio.CancelledError):
                 await task
-        self._tasks = []
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def configure(self, config: Config) -> None:
+        """A reload: new settings apply from each backend's next check; turning checks off
+        or on stops or starts the loops."""
+        self._config = config.health
+        if self._config.enabled:
+            for backend in self._pool.backends:
+                if backend not in self._tasks:
+                    self.watch(backend)
+        else:
+            for backend in list(self._tasks):
+                self.unwatch(backend)
+
+    def watch(self, backend: Backend) -> None:
+        """Check ``backend`` from now on, the first time at once (again, if it was watched)."""
+        if not self._running or not self._config.enabled:
+            return
+        self.unwatch(backend)
+        self._tasks[backend] = asyncio.create_task(
+            self._loop(backend), name=f"stickylb-health-{backend.id}"
+        )
+
+    def unwatch(self, backend: Backend) -> None:
+        task = self._tasks.pop(backend, None)
+        if task is not None:
+            task.cancel()
 
     async def _loop(self, backend: Backend) -> None:
         while True:
@@ -152,6 +180,9 @@ class HealthChecker:
                     raw = await response.content.read(_MAX_BODY)
                     body = raw.decode("utf-8", "replace")
                 reason = settings.rule.judge(response.status, body)
+                agent = self._config.agent_header
+                if agent and agent in response.headers:
+                    self.on_agent(backend, response.headers[agent])
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return False, probe_failure(exc, settings.timeout)
         return reason is None, reason

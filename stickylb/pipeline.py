@@ -31,7 +31,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import NamedTuple, Protocol
 
 from .core.admission import Admission
 from .core.affinity import StickyCookie
@@ -46,7 +46,7 @@ from .core.errors import (
     UpstreamTimeout,
 )
 from .core.headers import FORWARDING_HEADERS, Forwarding, Header, header_lines, not_forwarded
-from .core.pool import Backend, Choice, Pool
+from .core.pool import MAINT, Backend, Choice, Pool
 from .core.targets import AdminPrefix, origin_form, path_of
 from .wire.backend import BackendConnection, Connections
 from .wire.client import Request
@@ -66,6 +66,9 @@ from .wire.tunnel import GOING_AWAY, Tunnel
 
 log = logging.getLogger("stickylb.proxy")
 
+# Where the admin endpoints' own app serves them, whatever ``admin.prefix`` is (it may change
+# on a reload; the app does not).
+INTERNAL_ADMIN_PREFIX = b"/_lb"
 # Body bytes read before a backend connection is ready; past this the client is not read.
 PENDING_BODY_LIMIT = 64 * 1024
 NOT_FOUND = Answer(404, b"application/json; charset=utf-8", b'{"error": "Not found."}')
@@ -108,8 +111,24 @@ class Internal:
         self.connections = connections
 
 
+class PipelineSettings(NamedTuple):
+    """What the pipeline takes from the config (``app.pipeline_settings``)."""
+
+    sticky: bool
+    backend_header: bool
+    forwarding: Forwarding
+    retries: int
+    max_body: int | None
+    max_message: int | None
+    websocket_idle: float
+    admin_prefix: str
+    admin_allowed: Callable[[str | None, bytes | None, list[bytes]], bool]
+    unavailable: Answer
+    keep_backend_connections: bool
+
+
 class Pipeline:
-    """What every request shares, worked out once from the config."""
+    """What every request shares, worked out once from the config (and again on a reload)."""
 
     def __init__(
         self,
@@ -117,55 +136,50 @@ class Pipeline:
         pool: Pool,
         cookie: StickyCookie,
         admission: Admission,
-        connections: dict[Any, Connections],
         sweeper: Sweeper,
-        sticky: bool,
-        backend_header: bool,
-        forwarding: Forwarding,
-        retries: int,
-        max_body: int | None,
-        max_message: int | None,
-        websocket_idle: float,
-        admin_prefix: str,
-        admin_allowed: Callable[[str | None, bytes | None], bool],
-        unavailable: Answer,
-        keep_backend_connections: bool,
+        settings: PipelineSettings,
     ) -> None:
         self.pool = pool
-        self.cookie = cookie
         self.admission = admission
-        self.connections = connections
         self.sweeper = sweeper
-        self.sticky = sticky
-        self.forwarding = forwarding
-        self.retries = retries
-        self.max_body = max_body
-        self.max_message = max_message
-        self.websocket_idle = websocket_idle
-        self.admin = AdminPrefix(admin_prefix)
-        self.admin_allowed = admin_allowed
-        self.unavailable = unavailable
-        self.close_backend = b"" if keep_backend_connections else b"Connection: close\r\n"
         self.admin_link: Internal | None = None
         self.unavailable_link: Internal | None = None
-        self.tunnels: set[Tunnel] = set()
+        self.tunnels: dict[Tunnel, Backend | None] = {}
+        self._no_tunnels: asyncio.Future[None] | None = None
         self.on_local_error: Callable[[], None] = lambda: None
         # What a client connection calls for each request it reads.
         self.exchange: Callable[[Client, Request], RequestCycle] = functools.partial(
             RequestCycle, self
         )
-        # What each backend adds to its answers: worked out once, not per request.
-        self.pin: dict[Any, bytes] = {}
-        self.backend_id: dict[Any, bytes] = {}
-        for backend in pool.backends:
-            self.pin[backend.key] = (
-                b"Set-Cookie: %s\r\n" % cookie.set_cookie_header(backend.token).encode()
-                if sticky
-                else b""
-            )
-            self.backend_id[backend.key] = (
-                b"x-backend-id: %s\r\n" % str(backend.id).encode() if backend_header else b""
-            )
+        self.configure(cookie, settings)
+
+    def configure(self, cookie: StickyCookie, settings: PipelineSettings) -> None:
+        """Take new settings (at start and on every reload); requests in flight keep going."""
+        self.cookie = cookie
+        self.sticky = settings.sticky
+        self.backend_header = settings.backend_header
+        self.forwarding = settings.forwarding
+        self.retries = settings.retries
+        self.max_body = settings.max_body
+        self.max_message = settings.max_message
+        self.websocket_idle = settings.websocket_idle
+        self.admin = AdminPrefix(settings.admin_prefix)
+        self.admin_allowed = settings.admin_allowed
+        self.unavailable = settings.unavailable
+        self.close_backend = b"" if settings.keep_backend_connections else b"Connection: close\r\n"
+        for backend in self.pool.backends:
+            self.dress(backend)
+
+    def dress(self, backend: Backend) -> None:
+        """What ``backend`` adds to its answers: worked out once, not per request."""
+        backend.pin = (
+            b"Set-Cookie: %s\r\n" % self.cookie.set_cookie_header(backend.token).encode()
+            if self.sticky
+            else b""
+        )
+        backend.id_line = (
+            b"x-backend-id: %s\r\n" % str(backend.id).encode() if self.backend_header else b""
+        )
 
     def admit(self, token: str | None) -> Choice | None:
         """A global slot and a backend now, when nobody has to wait for one (the usual case).
@@ -197,7 +211,13 @@ class Pipeline:
     async def _choose(self, token: str | None) -> Choice | None:
         pool = self.pool
         pinned = pool.pinned(token)
-        if pinned is not None and pinned.healthy and pinned.full and pinned.config.max_connections:
+        if (
+            pinned is not None
+            and pinned.healthy
+            and pinned.full
+            and pinned.config.max_connections
+            and pinned.admin_state != MAINT
+        ):
             # Keep the client's session: wait for a slot on its own backend (maxConnections 0
             # means out of service, so those clients are re-balanced instead).
             if await self.admission.wait_until(lambda: pinned.available, pinned.key):
@@ -212,6 +232,31 @@ class Pipeline:
     def close_tunnels(self) -> None:
         for tunnel in list(self.tunnels):
             tunnel.close(GOING_AWAY, "going away")
+
+    def tunnel_gone(self, tunnel: Tunnel) -> None:
+        self.tunnels.pop(tunnel, None)
+        if not self.tunnels and self._no_tunnels is not None and not self._no_tunnels.done():
+            self._no_tunnels.set_result(None)
+
+    async def tunnels_closed(self) -> None:
+        """Until no WebSocket is open (a shutdown waits for this)."""
+        if self.tunnels:
+            self._no_tunnels = asyncio.get_running_loop().create_future()
+            await self._no_tunnels
+
+    def tunnels_of(self, backend: Backend | None = None) -> list[Tunnel]:
+        """The open WebSockets on ``backend`` (all of them when None)."""
+        return [t for t, owner in self.tunnels.items() if backend is None or owner is backend]
+
+    def close_tunnels_spread(self, tunnels: list[Tunnel], within: float, code: int) -> None:
+        """Close ``tunnels`` with ``code`` spread evenly over ``within`` seconds, the first at
+        once, so their clients reconnect in a trickle rather than a herd."""
+        if not tunnels:
+            return
+        loop = asyncio.get_running_loop()
+        step = within / len(tunnels)
+        for index, tunnel in enumerate(tunnels):
+            loop.call_later(index * step, tunnel.close, code, "service restart")
 
 
 class RequestCycle:
@@ -334,7 +379,7 @@ class RequestCycle:
         self._choice = choice
         self._backend = backend
         self._p.pool.acquire(backend)
-        self._dispatch(self._p.connections[backend.key], fresh=False)
+        self._dispatch(backend.connections, fresh=False)
 
     def _send_internal(self, internal: Internal | None) -> None:
         if internal is None:
@@ -404,7 +449,7 @@ class RequestCycle:
             if self._internal is p.admin_link:
                 end = target.find(b"?")
                 query = b"" if end < 0 else target[end:]
-                target = p.admin.normalized(path_of(target)) + query
+                target = p.admin.internal(path_of(target), INTERNAL_ADMIN_PREFIX) + query
         else:
             assert self._backend is not None
             prefix, host, target = self._backend.prefix, self._backend.host_header, self._target
@@ -510,6 +555,8 @@ class RequestCycle:
             )
         )
 
+        owner = self._choice.backend if self._choice is not None else None
+
         def open_tunnel(
             client: asyncio.Transport | None, client_protocol: asyncio.BaseProtocol | None = None
         ) -> None:
@@ -530,13 +577,13 @@ class RequestCycle:
                 on_closed=self._tunnel_closed,
                 client_protocol=client_protocol,
             )
-            p.tunnels.add(tunnel)
+            p.tunnels[tunnel] = owner
             tunnel.start(self._request.early, early)
 
         self._client.upgrade(head, open_tunnel)
 
     def _tunnel_closed(self, tunnel: Tunnel) -> None:
-        self._p.tunnels.discard(tunnel)
+        self._p.tunnel_gone(tunnel)
         self._finish()
         self._client.tunnel_closed()
 
@@ -545,10 +592,10 @@ class RequestCycle:
         choice = self._choice
         if choice is None or self._internal is not None:
             return
-        key = choice.backend.key
+        backend = choice.backend
         if choice.repinned:
-            parts.append(self._p.pin[key])
-        parts.append(self._p.backend_id[key])
+            parts.append(backend.pin)
+        parts.append(backend.id_line)
 
     # --- failures ------------------------------------------------------------------------
 
@@ -596,7 +643,7 @@ class RequestCycle:
             self._fresh_retry = True
             self._backend = backend
             self._p.pool.acquire(backend)
-            self._dispatch(self._p.connections[backend.key], fresh=True)
+            self._dispatch(backend.connections, fresh=True)
             return
         self._p.pool.record_passive_failure(backend, error.reason)
         self._tried += (backend,)
@@ -676,10 +723,13 @@ class RequestCycle:
         p = self._p
         request = self._request
         authorization = None
+        forwarded_for: list[bytes] = []
         for lname, _, value in request.headers:
             if lname == b"authorization":
                 authorization = value
-        if not p.admin_allowed(self._client.peer, authorization):
+            elif lname == b"x-forwarded-for":
+                forwarded_for.append(value)
+        if not p.admin_allowed(self._client.peer, authorization, forwarded_for):
             self._answer(NOT_FOUND)
             return
         self._send_internal(p.admin_link)

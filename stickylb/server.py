@@ -9,15 +9,18 @@ on every loop: accepting pauses for a second, with one log line, and the connect
 arrive meanwhile wait in the kernel's backlog instead of being taken only to fail. A request
 that could not get a socket to its backend pauses accepting the same way.
 
-On the first signal the listening sockets close, idle keep-alive connections are dropped,
-open WebSockets get 1001 (going away), and in-flight requests get up to ``shutdownTimeout`` to
-finish; then health checks and the mail queue stop and the process exits 0. A second signal
-exits at once.
+On the first SIGTERM or SIGINT the listening sockets close, idle keep-alive connections are
+dropped, open WebSockets get 1001 (going away) at once, or 1012 spread over
+``websocket.drainTimeout`` when that is set, and in-flight requests get up to
+``shutdownTimeout`` to finish; then health checks and the mail queue stop and the process exits
+0. A second signal exits at once. SIGHUP reloads the config file (``control.py``) and drops
+nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
 import logging
@@ -30,6 +33,7 @@ from typing import Any
 from .access_log import AccessLog
 from .app import Balancer
 from .config import Config
+from .control import ControlError
 from .wire.client import Front
 
 log = logging.getLogger("stickylb")
@@ -139,25 +143,24 @@ class Server:
     ) -> None:
         self.config = config
         self.balancer = balancer if balancer is not None else Balancer(config)
-        timeouts, limits = config.timeouts, config.limits
         self.front = Front(
             self.balancer.pipeline.exchange,
             self.balancer.sweeper,
-            max_head=limits.max_head_size,
-            max_line=limits.max_header_size,
-            max_headers=limits.max_headers,
-            head_timeout=timeouts.head,
-            keep_alive=timeouts.keep_alive,
-            body_timeout=timeouts.client_body,
-            send_timeout=timeouts.read,
+            **front_settings(config),
             access_log=AccessLog(access_log) if access_log is not None else None,
         )
         self.balancer.pipeline.on_local_error = self.pause_accepting
+        self.balancer.reconfigured.append(self._reconfigure)
         self.starved = False  # out of file descriptors since the last accept that worked
         self._sockets: list[socket.socket] = []
         self._acceptors: list[Acceptor] = []
         self._resume: asyncio.TimerHandle | None = None
         self._stopping = False
+
+    def _reconfigure(self, config: Config) -> None:
+        """A reload: new limits and timeouts for the connections' next requests."""
+        self.config = config
+        self.front.configure(**front_settings(config))
 
     @property
     def addresses(self) -> list[str]:
@@ -221,11 +224,17 @@ class Server:
             sock.close()
         front = self.front
         front.close_idle()
-        self.balancer.pipeline.close_tunnels()
+        pipeline = self.balancer.pipeline
         limit = self.config.shutdown_timeout if grace is None else grace
+        within = self.config.websocket.drain_timeout
+        if within is None:
+            pipeline.close_tunnels()
+        else:  # 1012 spread over drainTimeout (within the grace), so clients come back gently
+            pipeline.close_tunnels_spread(pipeline.tunnels_of(), min(within, limit) * 0.9, 1012)
         try:
             async with asyncio.timeout(limit):
                 await front.drained()
+                await pipeline.tunnels_closed()
         except TimeoutError:
             log.warning("shutdown: %d request(s) cut after %gs", len(front.connections), limit)
         for connection in list(front.connections):
@@ -233,6 +242,19 @@ class Server:
                 connection.transport.abort()
         await asyncio.sleep(0)
         await self.balancer.stop()
+
+
+def front_settings(config: Config) -> dict[str, Any]:
+    timeouts, limits = config.timeouts, config.limits
+    return {
+        "max_head": limits.max_head_size,
+        "max_line": limits.max_header_size,
+        "max_headers": limits.max_headers,
+        "head_timeout": timeouts.head,
+        "keep_alive": timeouts.keep_alive,
+        "body_timeout": timeouts.client_body,
+        "send_timeout": timeouts.read,
+    }
 
 
 async def serve(
@@ -243,7 +265,8 @@ async def serve(
     on_ready: Callable[[list[str]], None] | None = None,
     sockets: list[socket.socket] | None = None,
 ) -> None:
-    """Run the balancer until SIGTERM or SIGINT (on ``sockets`` when given, as workers do)."""
+    """Run the balancer until SIGTERM or SIGINT (on ``sockets`` when given, as workers do);
+    SIGHUP reloads the config file (when the balancer was given a ``loader``)."""
     loop = asyncio.get_running_loop()
     server = Server(config, balancer, access_log=access_log)
     addresses = await server.start(sockets)
@@ -274,17 +297,32 @@ async def serve(
         )
         stop.set()
 
+    reloads: set[asyncio.Task[Any]] = set()
+
+    def on_hangup() -> None:
+        log.info("SIGHUP received: reloading the config")
+        task = loop.create_task(reload(server.balancer))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await stop.wait()
     finally:
         try:
             await server.stop()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
     log.info("stickylb stopped")
+
+
+async def reload(balancer: Balancer) -> None:
+    """What SIGHUP does: an error is logged (by ``Control.reload``) and the old config stays."""
+    with contextlib.suppress(ControlError):
+        await balancer.control.execute({"op": "reload"}, by="SIGHUP")
 
 
 def _address(sockname: Any) -> str:

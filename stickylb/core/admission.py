@@ -42,6 +42,13 @@ class Admission:
         self._waiters: list[_Waiter] = []
         self.active = 0
 
+    def configure(self, max_active: int | None, max_queue: int, queue_timeout: float) -> None:
+        """New limits (a reload); waiters that may now go are woken."""
+        self._max_active = max_active
+        self._max_queue = max_queue
+        self._queue_timeout = queue_timeout
+        self.wake()
+
     @property
     def queued(self) -> int:
         return len(self._waiters)

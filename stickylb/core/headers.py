@@ -60,6 +60,30 @@ def peer_in(peer: str | None, networks: tuple[Network, ...]) -> bool:
     return any(address in network for network in networks)
 
 
+def original_client(
+    peer: str | None, forwarded_for: Iterable[bytes | str], trusted: tuple[Network, ...]
+) -> str | None:
+    """Who sent the request: ``peer``, unless it is a trusted proxy; then the right-most
+    address of ``X-Forwarded-For`` that is not one (as nginx's ``real_ip_recursive``). A
+    value that is not an address ends the walk: nothing left of it can be believed."""
+    if not peer_in(peer, trusted):
+        return peer
+    chain: list[str] = []
+    for value in forwarded_for:
+        text = value.decode("latin-1") if isinstance(value, bytes) else value
+        chain += (part.strip() for part in text.split(","))
+    client = peer
+    for address in reversed(chain):
+        try:
+            ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            break
+        client = address
+        if not peer_in(address, trusted):
+            break
+    return client
+
+
 @functools.lru_cache(maxsize=256)  # a handful of values ("keep-alive", "close") recur endlessly
 def not_forwarded(connection: bytes, also: frozenset[bytes] = frozenset()) -> frozenset[bytes]:
     """Names that must not cross the proxy, given the ``Connection`` values (lower-cased,

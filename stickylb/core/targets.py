@@ -94,6 +94,15 @@ class AdminPrefix:
         path = _decoded(path).replace(b"\\", b"/")
         return _remove_dot_segments(_SLASHES.sub(b"/", path))
 
+    def internal(self, path: bytes, prefix: bytes) -> bytes:
+        """``path`` (which ``matches``) with the configured prefix, in whatever case and
+        spelling, replaced by ``prefix``: where the endpoints' own app serves it.
+
+        >>> AdminPrefix("/ops").internal(b"/OPS//health", b"/_lb")
+        b'/_lb/health'
+        """
+        return prefix + self.normalized(path)[len(self.prefix) :]
+
     def matches(self, target: bytes) -> bool:
         """Whether an origin-form target (path and query) is under the prefix."""
         if not self._maybe.search(target):

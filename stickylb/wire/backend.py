@@ -28,6 +28,7 @@ Invariants this module owns:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import socket
@@ -209,6 +210,13 @@ class Connections:
 
     def close(self) -> None:
         for connection in list(self._open):
+            connection.close()
+
+    def retire(self) -> None:
+        """No more requests will come here (the backend was removed or moved): idle
+        connections close now, busy ones when their exchange ends."""
+        self.settings = dataclasses.replace(self.settings, max_idle=0)
+        for connection in list(self._idle):
             connection.close()
 
 

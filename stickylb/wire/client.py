@@ -162,6 +162,32 @@ class Front:
         self.exchange = exchange
         self.access_log = access_log
         self.sweeper = sweeper
+        self.configure(
+            max_head=max_head,
+            max_line=max_line,
+            max_headers=max_headers,
+            head_timeout=head_timeout,
+            keep_alive=keep_alive,
+            body_timeout=body_timeout,
+            send_timeout=send_timeout,
+        )
+        self.scheme = scheme
+        self.connections: set[ClientConnection] = set()
+        self.closing = False
+        self._drained: asyncio.Future[None] | None = None
+
+    def configure(
+        self,
+        *,
+        max_head: int,
+        max_line: int,
+        max_headers: int,
+        head_timeout: float,
+        keep_alive: float,
+        body_timeout: float,
+        send_timeout: float,
+    ) -> None:
+        """Limits and timeouts (again on a reload: each connection's next request uses them)."""
         self.max_head = max_head
         self.max_line = max_line
         self.max_headers = max_headers
@@ -169,10 +195,6 @@ class Front:
         self.keep_alive = keep_alive or NEVER  # 0: idle connections are never closed
         self.body_timeout = body_timeout or NEVER
         self.send_timeout = send_timeout or NEVER
-        self.scheme = scheme
-        self.connections: set[ClientConnection] = set()
-        self.closing = False
-        self._drained: asyncio.Future[None] | None = None
 
     def __call__(self) -> ClientConnection:
         return ClientConnection(self)

@@ -9,7 +9,8 @@ it enforces ``websocket.maxMessageSize`` (close 1009) and the frame rules of RFC
 1002), and tells where a frame of our own may go.
 
 Close frames, pings and pongs are the peers' own and travel end to end. The proxy speaks only
-to end a tunnel itself (idle timeout or shutdown: 1001; oversize: 1009; protocol error: 1002),
+to end a tunnel itself (idle timeout or shutdown: 1001; drained for maint, removal or
+shutdown under ``websocket.drainTimeout``: 1012; oversize: 1009; protocol error: 1002),
 writing a close frame to each side whose stream sits between frames; then both sockets are
 closed. ``on_closed`` is called exactly once, when the tunnel ends for whatever reason (the
 exchange that opened it releases its slots there).
@@ -24,7 +25,12 @@ from .deadlines import NEVER, Sweeper
 from .ws_frames import OK, FrameTracker, close_frame
 
 GOING_AWAY = 1001
-REASONS = {1001: "going away", 1002: "protocol error", 1009: "message too big"}
+REASONS = {
+    1001: "going away",
+    1002: "protocol error",
+    1009: "message too big",
+    1012: "service restart",
+}
 
 
 class Tunnel:
