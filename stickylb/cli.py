@@ -109,11 +109,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         index: int = 0,
         channel: socket.socket | None = None,
     ) -> None:
+        current = config
+        if channel is not None:  # a worker (maybe replacing one): the file as it is now
+            try:
+                current = load_config(args.config)
+            except ConfigError as exc:
+                logging.getLogger("stickylb").error(
+                    "worker %d: the config file is invalid now (%s); using the one read at"
+                    " startup",
+                    index,
+                    "; ".join(exc.problems),
+                )
         with asyncio.Runner(loop_factory=factory) as runner:
             balancer = Balancer(
-                config, send_alerts=index == 0, loader=lambda: load_config(args.config)
+                current, send_alerts=index == 0, loader=lambda: load_config(args.config)
             )
-            main = serve(config, balancer, access_log=access_log, sockets=sockets)
+            main = serve(current, balancer, access_log=access_log, sockets=sockets)
             if channel is not None:
                 main = Member(balancer, channel, index).run(main)
             runner.run(main)

@@ -128,7 +128,7 @@ class Control:
         else:
             raise ControlError(400, [f"unknown operation {kind!r}"])
         if local and self.publish is not None:
-            self.publish(dict(op))
+            self.publish({**op, "by": by})
         return answer
 
     def _find(self, wanted: object) -> Backend:
@@ -454,5 +454,5 @@ class Control:
             self.pool.set_weight(backend, float(entry["weight"]))
         state = entry.get("adminState", READY)
         if state in ADMIN_STATES and state != READY:
-            self.pool.set_state(backend, state, "restored from the stateFile")
+            self.pool.set_state(backend, state, "restored from the stateFile", tell=False)
         return 1

@@ -219,9 +219,8 @@ class Member:
             elif "op" in message:
                 op = message["op"]
                 try:
-                    await self._balancer.control.execute(
-                        op, by=f"another worker ({op.get('op')})", local=False
-                    )
+                    by = f"{op.get('by', '?')}, through another worker"
+                    await self._balancer.control.execute(op, by=by, local=False)
                 except ControlError as exc:
                     log.debug("operation from another worker not applied: %s", exc)
                 except Exception:  # a bad message must not end the channel

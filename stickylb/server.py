@@ -321,8 +321,9 @@ async def serve(
 
 async def reload(balancer: Balancer) -> None:
     """What SIGHUP does: an error is logged (by ``Control.reload``) and the old config stays."""
+    # Not passed on to other workers: the supervisor sends each of them the signal itself.
     with contextlib.suppress(ControlError):
-        await balancer.control.execute({"op": "reload"}, by="SIGHUP")
+        await balancer.control.execute({"op": "reload"}, by="SIGHUP", local=False)
 
 
 def _address(sockname: Any) -> str:

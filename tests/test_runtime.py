@@ -271,7 +271,10 @@ async def test_agent_header_drains_a_backend():
 
     app = web.Application()
     app.router.add_get("/health", health)
-    app.router.add_get("/", lambda request: web.Response(text="agent"))
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="agent")
+
+    app.router.add_get("/", hello)
     agent = await start_app(app)
     try:
         async with backends("b") as (b,):

@@ -215,8 +215,9 @@ class Pool:
             backend.token = cookie.token_for(backend.id)
         self._by_token = {backend.token: backend for backend in self.backends}
 
-    def set_state(self, backend: Backend, state: str, reason: str) -> bool:
-        """Set the admin state; False when it already was that."""
+    def set_state(self, backend: Backend, state: str, reason: str, *, tell: bool = True) -> bool:
+        """Set the admin state; False when it already was that. ``tell``: report it to the
+        listeners (not for a state restored at startup: nothing changed for anyone)."""
         if state not in ADMIN_STATES:
             raise ValueError(f"unknown state {state!r}")
         if backend.admin_state == state:
@@ -226,7 +227,8 @@ class Pool:
         if was == MAINT:
             self._start_ramp(backend)
         self._refresh()
-        self._tell(StateChange(backend, backend.healthy, reason, time.time(), admin=state))
+        if tell:
+            self._tell(StateChange(backend, backend.healthy, reason, time.time(), admin=state))
         return True
 
     def set_weight(self, backend: Backend, weight: float | None) -> None:
