@@ -27,12 +27,15 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs, web
+from prometheus_client import CollectorRegistry
 
 from .config import Config
 from .control import DEFAULT_REMOVE_TIMEOUT, ControlError
 from .core.headers import original_client, parse_networks, peer_in
 from .core.pool import Backend
 from .durations import parse_duration
+from .metrics import CONTENT_TYPE as METRICS_TYPE
+from .metrics import exposition, registry_for
 from .pipeline import INTERNAL_ADMIN_PREFIX
 
 if TYPE_CHECKING:
@@ -142,6 +145,7 @@ class AdminEndpoints:
     def __init__(self, balancer: Balancer) -> None:
         self._balancer = balancer
         self._embedded = False
+        self._registry: CollectorRegistry | None = None
 
     def routes(self, app: web.Application, prefix: str, *, check_access: bool) -> None:
         """Add the endpoints under ``prefix`` to ``app``; ``check_access`` when nothing in
@@ -151,6 +155,7 @@ class AdminEndpoints:
         write = self._writer(check_access)
         router = app.router
         router.add_get(f"{prefix}/health", read(self.health), allow_head=True)
+        router.add_get(f"{prefix}/metrics", read(self.metrics), allow_head=True)
         router.add_get(f"{prefix}/backends", read(self.backends), allow_head=True)
         router.add_get(f"{prefix}/backends/{{id}}", read(self.backend), allow_head=True)
         router.add_post(f"{prefix}/backends/{{id}}/state", write(self.set_state))
@@ -231,6 +236,12 @@ class AdminEndpoints:
             "backends": [self.status(backend) for backend in balancer.pool.backends],
         }
         return web.json_response(payload, headers=NO_STORE)
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        if self._registry is None:
+            self._registry = registry_for(self._balancer)
+        body = exposition(self._registry)
+        return web.Response(body=body, headers={**NO_STORE, "Content-Type": METRICS_TYPE})
 
     async def backends(self, request: web.Request) -> web.StreamResponse:
         pool = self._balancer.pool

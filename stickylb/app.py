@@ -20,13 +20,14 @@ from typing import Any
 from aiohttp import web
 
 from .admin import AdminAccess, AdminEndpoints
-from .alerts import AlertMailer
+from .alerts import Alerts
 from .config import BackendConfig, Config, build_config
 from .control import Control
 from .core.admission import Admission
 from .core.affinity import StickyCookie
 from .core.headers import Forwarding, parse_networks
 from .core.pool import Backend, Pool
+from .core.stats import Stats
 from .health import HealthChecker
 from .pipeline import Internal, Pipeline, PipelineSettings
 from .protocol_log import PROTOCOL_LOGGER
@@ -58,16 +59,18 @@ class Balancer:
         for backend in self.pool.backends:
             self._connect(backend)
         self.access = AdminAccess(config)
+        self.stats = Stats()
         self.pipeline = Pipeline(
             pool=self.pool,
             cookie=self.cookie,
             admission=self.admission,
             sweeper=self.sweeper,
             settings=pipeline_settings(config, self.access),
+            stats=self.stats,
         )
         self.checker = HealthChecker(config, self.pool)
         self.send_alerts = send_alerts
-        self.alerts = AlertMailer(config, self.pool) if config.email and send_alerts else None
+        self.alerts = self._alerts(config)
         self.control = Control(self, loader)
         self.checker.on_agent = self.control.agent_says
         self.admin = AdminEndpoints(self)
@@ -132,17 +135,19 @@ class Balancer:
         self.access = AdminAccess(config)
         self.pipeline.configure(self.cookie, pipeline_settings(config, self.access))
         self.checker.configure(config)
-        if config.email != old.email or config.port != old.port:
+        if (config.email, config.webhooks, config.port) != (old.email, old.webhooks, old.port):
             if self.alerts is not None:
                 await self.alerts.stop()
-                self.pool.unsubscribe(self.alerts.on_change)
-            self.alerts = (
-                AlertMailer(config, self.pool) if config.email and self.send_alerts else None
-            )
+            self.alerts = self._alerts(config)
             if self.alerts is not None:
                 await self.alerts.start()
         for listener in self.reconfigured:
             listener(config)
+
+    def _alerts(self, config: Config) -> Alerts | None:
+        if not self.send_alerts or (config.email is None and not config.webhooks):
+            return None
+        return Alerts(config, self.pool, self.stats)
 
     # --- the set of backends (runtime control) ---------------------------------------------------
 

@@ -115,8 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 current = load_config(args.config)
             except ConfigError as exc:
                 logging.getLogger("stickylb").error(
-                    "worker %d: the config file is invalid now (%s); using the one read at"
-                    " startup",
+                    "worker %d: the config file is invalid now (%s); using the one read at startup",
                     index,
                     "; ".join(exc.problems),
                 )

@@ -368,6 +368,40 @@ class EmailConfig(_Model):
         return self.from_ or self.auth.user or "stickylb@localhost"
 
 
+ALERT_EVENTS = ("down", "up", "drain", "maint", "ready", "added", "removed")
+
+
+class WebhookConfig(_Model):
+    """A URL that gets a POST for every backend state change it asks for."""
+
+    url: SecretStr  # Slack's and most incident tools' URLs carry their secret in the path
+    format: Literal["json", "slack"] = "json"
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    events: list[str] | None = None  # None: every event
+    timeout: Duration = DEFAULT_MAIL_TIMEOUT
+    cooldown: Duration = DEFAULT_MAIL_COOLDOWN
+    retries: int = Field(default=3, ge=0, le=10)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: SecretStr) -> SecretStr:
+        try:
+            url = URL(value.get_secret_value())
+        except (ValueError, TypeError):
+            raise ValueError("is not a URL") from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _known_events(cls, value: list[str] | None) -> list[str] | None:
+        for event in value or ():
+            if event not in ALERT_EVENTS:
+                raise ValueError(f"unknown event {event!r}; valid: {', '.join(ALERT_EVENTS)}")
+        return value
+
+
 class AdminConfig(_Model):
     """The balancer's own endpoints (``/_lb/health``)."""
 
@@ -425,6 +459,7 @@ class Config(BaseSettings):
     websocket: WebSocketConfig = WebSocketConfig()
     health: HealthConfig = HealthConfig()
     email: EmailConfig | None = None
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
     admin: AdminConfig = AdminConfig()
     state_file: str | None = None
     backends: list[BackendConfig] = Field(min_length=1)

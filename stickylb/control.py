@@ -88,8 +88,10 @@ class Control:
         self._state_file = balancer.config.state_file
         # Told of every operation made here (not of those passed on from elsewhere).
         self.publish: Callable[[dict[str, Any]], None] | None = None
-        # Set by ``--workers``: the active connections of every other worker, by backend id.
+        # Set by ``--workers``: the active connections of every other worker, by backend id,
+        # and their metrics samples (``metrics.Samples``).
         self.elsewhere: Callable[[], Mapping[str, int]] | None = None
+        self.elsewhere_samples: Callable[[], Any] | None = None
 
     @property
     def pool(self) -> Pool:

@@ -27,6 +27,7 @@ from multidict import CIMultiDict
 
 from .core.errors import ClientGone
 from .core.headers import tokens
+from .core.stats import Stats
 from .pipeline import Pipeline, RequestCycle
 from .wire.client import Request
 from .wire.http1 import CHUNKED, LENGTH, NO_BODY, Answer
@@ -39,7 +40,7 @@ Event = tuple[Any, ...]
 
 def handler(pipeline: Pipeline) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def balance(request: web.Request) -> web.StreamResponse:
-        client = AiohttpClient(request)
+        client = AiohttpClient(request, pipeline.stats)
         cycle = pipeline.exchange(client, _request_of(request))
         client.cycle = cycle
         return await client.serve()
@@ -75,8 +76,9 @@ def _request_of(request: web.Request) -> Request:
 class AiohttpClient:
     """The client's side of a ``RequestCycle`` for a request aiohttp's server parsed."""
 
-    def __init__(self, request: web.Request) -> None:
+    def __init__(self, request: web.Request, stats: Stats) -> None:
         self._request = request
+        self._stats = stats
         self.peer = request.remote
         self.peer_bytes = (request.remote or "").encode()
         self.scheme = request.scheme.encode()
@@ -116,6 +118,7 @@ class AiohttpClient:
         self._push(("end",))
 
     def send_answer(self, answer: Answer, *, close: bool = False) -> None:
+        self._stats.own_answers[answer.status] += 1
         self._push(("answer", answer, close))
 
     def abort(self) -> None:

@@ -9,6 +9,9 @@ Each worker has one socket pair to the supervisor, carrying JSON lines:
 - worker -> supervisor ``{"active": {id: n}}``, four times a second: its active connections.
 - supervisor -> worker ``{"elsewhere": {id: n}}``, as often: the sum of every *other*
   worker's counts, so that each worker's reads (and ``?wait=drained``) cover the process group.
+- worker -> supervisor ``{"metrics": samples}`` once a second, passed on to every other worker
+  as ``{"metrics": samples, "worker": index}`` (``{"gone": index}`` when a worker dies), so a
+  scrape of ``/_lb/metrics`` answered by any worker covers the group (``metrics.py``).
 
 So a change made through any worker reaches every other within a fraction of a second. The
 supervisor never blocks on a worker: a worker that does not read its socket for a second loses
@@ -28,6 +31,7 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
+from . import metrics
 from .control import ControlError
 
 if TYPE_CHECKING:
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("stickylb")
 
 REPORT_EVERY = 0.25  # seconds between count reports, each way
+SAMPLES_EVERY = 4  # metrics samples go once every this many reports (once a second)
 MAX_LINE = 1 << 20
 
 
@@ -81,6 +86,8 @@ class Hub:
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(end)
             end.close()
+            for other in list(self._ends):
+                self._send(other, {"gone": index})
 
     def close(self) -> None:
         for index in list(self._ends):
@@ -126,6 +133,10 @@ class Hub:
                 continue
             if "active" in message:
                 self._counts[index] = message["active"]
+            elif "metrics" in message:
+                for other in list(self._ends):
+                    if other != index:
+                        self._send(other, {"metrics": message["metrics"], "worker": index})
             elif "op" in message:
                 op = message["op"]
                 key = _replay_key(op)
@@ -165,10 +176,12 @@ class Member:
         self._end = end
         self._index = index
         self._elsewhere: dict[str, int] = {}
+        self._samples: dict[int, metrics.Samples] = {}  # the other workers', by index
         self._writer: asyncio.StreamWriter | None = None
         control = balancer.control
         control.publish = self._publish
         control.elsewhere = lambda: self._elsewhere
+        control.elsewhere_samples = self._samples_elsewhere
 
     async def run(self, main: Awaitable[None]) -> None:
         """Run ``main`` (the worker's ``serve``) with the channel open alongside."""
@@ -196,10 +209,20 @@ class Member:
         if writer is not None and not writer.is_closing():
             writer.write(_line(message))
 
+    def _samples_elsewhere(self) -> metrics.Samples:
+        total: metrics.Samples = {}
+        for samples in self._samples.values():
+            metrics.add(total, samples)
+        return total
+
     async def _report_forever(self) -> None:
+        beat = 0
         while True:
             counts = {str(b.id): b.active for b in self._balancer.pool.backends if b.active}
             self._write({"active": counts})
+            if beat % SAMPLES_EVERY == 0:
+                self._write({"metrics": metrics.to_wire(metrics.samples(self._balancer))})
+            beat += 1
             await asyncio.sleep(REPORT_EVERY)
 
     async def _listen(self, reader: asyncio.StreamReader) -> None:
@@ -216,6 +239,10 @@ class Member:
                 continue
             if "elsewhere" in message:
                 self._elsewhere = message["elsewhere"]
+            elif "metrics" in message:
+                self._samples[int(message["worker"])] = metrics.from_wire(message["metrics"])
+            elif "gone" in message:
+                self._samples.pop(int(message["gone"]), None)
             elif "op" in message:
                 op = message["op"]
                 try:

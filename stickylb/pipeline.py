@@ -31,6 +31,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable
+from time import monotonic
 from typing import NamedTuple, Protocol
 
 from .core.admission import Admission
@@ -47,6 +48,7 @@ from .core.errors import (
 )
 from .core.headers import FORWARDING_HEADERS, Forwarding, Header, header_lines, not_forwarded
 from .core.pool import MAINT, Backend, Choice, Pool
+from .core.stats import Stats
 from .core.targets import AdminPrefix, origin_form, path_of
 from .wire.backend import BackendConnection, Connections
 from .wire.client import Request
@@ -69,6 +71,8 @@ log = logging.getLogger("stickylb.proxy")
 # Where the admin endpoints' own app serves them, whatever ``admin.prefix`` is (it may change
 # on a reload; the app does not).
 INTERNAL_ADMIN_PREFIX = b"/_lb"
+# Indexes of ``Stats.affinity`` (``core.stats.AFFINITY_RESULTS``).
+NEW, HIT, REPINNED, INVALID = range(4)
 # Body bytes read before a backend connection is ready; past this the client is not read.
 PENDING_BODY_LIMIT = 64 * 1024
 NOT_FOUND = Answer(404, b"application/json; charset=utf-8", b'{"error": "Not found."}')
@@ -138,10 +142,12 @@ class Pipeline:
         admission: Admission,
         sweeper: Sweeper,
         settings: PipelineSettings,
+        stats: Stats | None = None,
     ) -> None:
         self.pool = pool
         self.admission = admission
         self.sweeper = sweeper
+        self.stats = stats if stats is not None else Stats()
         self.admin_link: Internal | None = None
         self.unavailable_link: Internal | None = None
         self.tunnels: dict[Tunnel, Backend | None] = {}
@@ -197,13 +203,17 @@ class Pipeline:
         """A global slot and a backend, waiting in the queue while they are taken. None (holding
         nothing) means the unavailable answer."""
         admission = self.admission
-        if not await admission.enter():
-            return None
+        started = monotonic()
         try:
-            choice = await self._choose(token)
-        except BaseException:
-            admission.leave()
-            raise
+            if not await admission.enter():
+                return None
+            try:
+                choice = await self._choose(token)
+            except BaseException:
+                admission.leave()
+                raise
+        finally:
+            self.stats.queue_wait.observe(monotonic() - started)
         if choice is None:
             admission.leave()
         return choice
@@ -234,7 +244,13 @@ class Pipeline:
             tunnel.close(GOING_AWAY, "going away")
 
     def tunnel_gone(self, tunnel: Tunnel) -> None:
-        self.tunnels.pop(tunnel, None)
+        owner = self.tunnels.pop(tunnel, None)
+        if owner is not None:
+            stats = owner.stats
+            stats.tunnels -= 1
+            sent, received = tunnel.messages()
+            stats.ws_messages_in += sent
+            stats.ws_messages_out += received
         if not self.tunnels and self._no_tunnels is not None and not self._no_tunnels.done():
             self._no_tunnels.set_result(None)
 
@@ -277,6 +293,8 @@ class RequestCycle:
         "_internal",
         "_p",
         "_request",
+        "_sent",
+        "_started",
         "_target",
         "_task",
         "_token",
@@ -302,6 +320,8 @@ class RequestCycle:
         self._fresh_retry = False
         self._body_sent = False
         self._body_received = 0
+        self._started = monotonic()
+        self._sent = 0  # answer body bytes relayed
 
     # --- 1. the request ----------------------------------------------------------------------
 
@@ -329,6 +349,7 @@ class RequestCycle:
         choice = p.admit(self._token)
         if choice is not None:
             self._admitted = True
+            self._count_affinity(choice)
             self._send(choice)
         else:
             self._task = asyncio.get_running_loop().create_task(self._admit_slowly())
@@ -344,7 +365,24 @@ class RequestCycle:
             self._serve_unavailable()
             return
         self._admitted = True
+        self._count_affinity(choice)
         self._send(choice)
+
+    def _count_affinity(self, choice: Choice) -> None:
+        """Why the client is where it is: the answer to "why did my session move?"."""
+        p = self._p
+        if not p.sticky:
+            return
+        token = self._token
+        if token is None:
+            result = NEW
+        elif not choice.repinned:
+            result = HIT
+        elif p.pool.pinned(token) is None:
+            result = INVALID  # forged, from another secret, or of a backend now gone
+        else:
+            result = REPINNED  # its backend could not take it
+        p.stats.affinity[result] += 1
 
     def request_body(self, piece: bytes) -> None:
         if self._finished or not self._count_body(piece):
@@ -521,12 +559,21 @@ class RequestCycle:
         if framing == NO_BODY and length_header is not None and status >= 200 and status != 204:
             parts += (b"Content-Length: ", length_header, b"\r\n")  # what HEAD or 304 stand for
         self._mark(parts)
+        backend = self._backend
+        if backend is not None:
+            backend.stats.answers[status // 100 - 1] += 1
         self._client.send_head(status, reason, parts, framing, length)
 
     def response_body(self, piece: bytes) -> None:
+        self._sent += len(piece)
         self._client.send_body(piece)
 
     def response_end(self, trailers: list[Header] | None) -> None:
+        backend = self._backend
+        if backend is not None:
+            stats = backend.stats
+            stats.durations.observe(monotonic() - self._started)
+            stats.response_bytes += self._sent
         self._let_go(reusable=self._request.complete)
         self._finish()
         self._client.send_end(_trailer_lines(trailers))
@@ -547,6 +594,9 @@ class RequestCycle:
         self._answered = True
         parts = header_lines(headers, not_forwarded(conn.connection))
         self._mark(parts)
+        owner = self._choice.backend if self._choice is not None else None
+        if owner is not None:
+            owner.stats.answers[0] += 1
         head = b"".join(
             (
                 status_line(b"1.1", 101, reason),
@@ -554,8 +604,6 @@ class RequestCycle:
                 b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
             )
         )
-
-        owner = self._choice.backend if self._choice is not None else None
 
         def open_tunnel(
             client: asyncio.Transport | None, client_protocol: asyncio.BaseProtocol | None = None
@@ -578,6 +626,8 @@ class RequestCycle:
                 client_protocol=client_protocol,
             )
             p.tunnels[tunnel] = owner
+            if owner is not None:
+                owner.stats.tunnels += 1
             tunnel.start(self._request.early, early)
 
         self._client.upgrade(head, open_tunnel)
@@ -658,6 +708,7 @@ class RequestCycle:
             )
             self._answer(Answer.of(error))
             return
+        backend.stats.retries += 1
         log.info(
             "%s %s -> backend %s failed (%s); retrying on backend %s",
             self._method(),

@@ -148,6 +148,7 @@ class Server:
             self.balancer.sweeper,
             **front_settings(config),
             access_log=AccessLog(access_log) if access_log is not None else None,
+            stats=self.balancer.stats,
         )
         self.balancer.pipeline.on_local_error = self.pause_accepting
         self.balancer.reconfigured.append(self._reconfigure)

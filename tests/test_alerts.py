@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import aiohttp
 
@@ -58,7 +59,9 @@ async def test_down_and_recovered_mails_reach_the_owner(tmp_path):
             finally:
                 assert proc.stop() == 0
     assert down["Subject"] == "[stickylb] Backend api-1 is down"
-    assert up["Subject"] == "[stickylb] Backend api-1 recovered"
+    assert re.fullmatch(
+        r"\[stickylb\] Backend api-1 recovered \(was down \d+\.\d s\)", up["Subject"]
+    )
     assert down["From"] == "lb@example.test"
     assert mail.inbox.envelopes[0][1] == ["owner-api-1@example.test", "ops@example.test"]
     body = down.get_content()
@@ -91,7 +94,7 @@ async def test_starttls_with_password_from_the_environment(tmp_path):
                 assert proc.stop() == 0
     assert secret not in json.dumps(status)
     assert secret not in proc.output
-    assert "alert mail sent" in proc.output
+    assert re.search(r"alert mail '.*' to .* sent", proc.output)
 
 
 async def test_implicit_tls(tmp_path):
@@ -170,3 +173,20 @@ async def test_flapping_is_merged_into_one_summary_mail(tmp_path):
     summary = messages[1]
     assert summary["Subject"] == "[stickylb] Backend flappy is flapping: 4 changes, now down"
     assert summary.get_content().count("- ") == 4
+
+
+async def test_one_recovery_inside_the_cooldown_is_a_recovery_not_flapping(tmp_path):
+    with MailServer(tmp_path) as mail:
+        async with backends("solo") as servers:
+            proc = spawn_balancer(alert_config(servers, mail, cooldown=1500), tmp_path)
+            try:
+                await flip(proc.url, servers[0], healthy=False)
+                await flip(proc.url, servers[0], healthy=True)
+                messages = await asyncio.to_thread(mail.inbox.wait_for, 2)
+            finally:
+                assert proc.stop() == 0
+    assert messages[0]["Subject"] == "[stickylb] Backend solo is down"
+    assert re.fullmatch(
+        r"\[stickylb\] Backend solo recovered \(was down \d+\.\d s\)", messages[1]["Subject"]
+    )
+    assert "abandoned" not in proc.output

@@ -30,7 +30,8 @@ def config_paths(model: type = Config, prefix: str = "") -> list[str]:
 
 
 def test_every_config_key_is_in_the_readme_table():
-    table_keys = set(re.findall(r"^\| `([^`]+)` \|", README, flags=re.M))
+    section = README.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    table_keys = set(re.findall(r"^\| `([^`]+)` \|", section, flags=re.M))
     missing = [path for path in config_paths() if path not in table_keys]
     assert not missing, f"add these to the README configuration table: {missing}"
     unknown = table_keys - set(config_paths())

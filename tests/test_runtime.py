@@ -271,6 +271,7 @@ async def test_agent_header_drains_a_backend():
 
     app = web.Application()
     app.router.add_get("/health", health)
+
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="agent")
 

@@ -33,6 +33,7 @@ from yarl import URL
 from ..config import BackendConfig, Config, HealthSettings
 from .affinity import StickyCookie
 from .health_rules import HealthTracker
+from .stats import BackendStats
 from .strategies import STRATEGIES, Strategy
 
 log = logging.getLogger("stickylb.health")
@@ -77,6 +78,7 @@ class Backend:
     ramp_since: float | None = None  # monotonic time its slow start began
     removing: bool = False
     elsewhere: int = 0  # active connections of the other workers (``--workers``)
+    stats: BackendStats = field(default_factory=BackendStats)
 
     @property
     def healthy(self) -> bool:
@@ -185,6 +187,7 @@ class Pool:
         self.backends.append(backend)
         self._by_token[backend.token] = backend
         self._refresh()
+        self._tell(StateChange(backend, backend.healthy, None, time.time(), admin="added"))
 
     def remove(self, backend: Backend) -> None:
         """Gone: its pinned clients are balanced again on their next request. Requests still
@@ -321,6 +324,10 @@ class Pool:
         """An active check finished; rise/fall decide whether the state changes."""
         now = time.time()
         backend.last_checked = now
+        if ok:
+            backend.stats.checks_passed += 1
+        else:
+            backend.stats.checks_failed += 1
         if backend.tracker.record(ok, reason):
             if ok:
                 backend.passive_failures.clear()
@@ -329,6 +336,7 @@ class Pool:
 
     def record_passive_failure(self, backend: Backend, reason: str) -> None:
         """A proxied request could not reach ``backend``: enough of them mark it down now."""
+        backend.stats.passive_failures += 1
         if self._max_fails <= 0 or not backend.healthy:
             return
         now = time.monotonic()
@@ -353,6 +361,8 @@ class Pool:
         self._tell(change)
 
     def _tell(self, change: StateChange) -> None:
+        to = change.admin or ("up" if change.healthy else "down")
+        change.backend.stats.changes[to] += 1
         for listener in self._listeners:
             try:
                 listener(change)

@@ -56,6 +56,7 @@ from ..core.errors import (
     VersionNotSupported,
 )
 from ..core.headers import Header, tokens
+from ..core.stats import Stats
 from .deadlines import NEVER, Sweeper
 from .http1 import (
     CHUNKED,
@@ -158,8 +159,10 @@ class Front:
         send_timeout: float,
         scheme: bytes = b"http",
         access_log: AccessLog | None = None,
+        stats: Stats | None = None,
     ) -> None:
         self.exchange = exchange
+        self.stats = stats if stats is not None else Stats()
         self.access_log = access_log
         self.sweeper = sweeper
         self.configure(
@@ -906,6 +909,7 @@ class ClientConnection(asyncio.Protocol):
     def _write_answer(self, answer: Answer, *, version: bytes, head_request: bool) -> None:
         transport = self.transport
         self._status = answer.status
+        self._front.stats.own_answers[answer.status] += 1
         if transport is None:
             return
         head = b"".join(

@@ -69,6 +69,10 @@ class Tunnel:
         if client_early:
             self._client.data_received(client_early)
 
+    def messages(self) -> tuple[int, int]:
+        """Whole data messages so far: client to backend, backend to client."""
+        return self._client.frames.messages, self._backend.frames.messages
+
     def expired(self, now: float) -> None:
         if self._client.active or self._backend.active:
             self._client.active = self._backend.active = False

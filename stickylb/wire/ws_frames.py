@@ -37,7 +37,7 @@ class FrameTracker:
     1002
     """
 
-    __slots__ = ("_head", "_limit", "_mask", "_message", "_skip", "at_boundary")
+    __slots__ = ("_head", "_limit", "_mask", "_message", "_skip", "at_boundary", "messages")
 
     def __init__(self, limit: int | None, *, masked: bool) -> None:
         self._limit = limit
@@ -46,6 +46,7 @@ class FrameTracker:
         self._skip = 0  # bytes left in the current frame (the mask, then the payload)
         self._message = 0  # bytes so far in the current (possibly fragmented) message
         self.at_boundary = True  # whether everything fed so far ends with a whole frame
+        self.messages = 0  # whole data messages seen (for metrics)
 
     def feed(self, data: bytes) -> int:
         """Follow ``data``: ``OK``, or the close code it calls for (1002 or 1009). After a
@@ -82,6 +83,7 @@ class FrameTracker:
                     return MESSAGE_TOO_BIG
                 if first & _FINAL:
                     message = 0
+                    self.messages += 1
             pos += size + length
         self._message = message
         if pos < end:  # the length field is cut short: the rest comes with the next read
