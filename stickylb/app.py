@@ -239,6 +239,7 @@ def pipeline_settings(config: Config, access: AdminAccess) -> PipelineSettings:
         admin_allowed=access,
         unavailable=fixed_answer(config.unavailable),
         keep_backend_connections=config.timeouts.backend_keep_alive > 0,
+        request_id_header=config.request_id_header,
     )
 
 

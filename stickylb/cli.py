@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .app import Balancer
-from .config import ConfigError, describe, load_config
+from .config import Config, ConfigError, describe, load_config
 from .console import EXIT_CONFIG, EXIT_STARTUP, LOG_LEVELS, setup_logging
 from .group import Member
 from .loops import LOOP_CHOICES, loop_factory, loop_name
@@ -58,7 +58,8 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--access-log",
         action="store_true",
-        help="log every proxied request at INFO on stickylb.access",
+        help="log every request (accessLog in the config says how and where; "
+        "default: combined format on standard output)",
     )
     parser.add_argument(
         "--loop",
@@ -66,6 +67,13 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="event loop: uvloop when installed (auto), or force one",
     )
+
+
+def _with_options(config: Config, args: argparse.Namespace) -> Config:
+    if args.access_log and not config.access_log.enabled:
+        enabled = config.access_log.model_copy(update={"enabled": True})
+        return config.model_copy(update={"access_log": enabled})
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -101,7 +109,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"stickylb: {exc}", file=sys.stderr)
         sys.exit(EXIT_STARTUP)
     logging.getLogger("stickylb").debug("event loop: %s", loop_name(factory))
-    access_log = logging.getLogger("stickylb.access") if args.access_log else None
+
+    def load() -> Config:
+        """The config file as it is now, with the command line's own settings."""
+        return _with_options(load_config(args.config), args)
+
+    config = _with_options(config, args)
     tune_malloc()
 
     def run(
@@ -112,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         current = config
         if channel is not None:  # a worker (maybe replacing one): the file as it is now
             try:
-                current = load_config(args.config)
+                current = load()
             except ConfigError as exc:
                 logging.getLogger("stickylb").error(
                     "worker %d: the config file is invalid now (%s); using the one read at startup",
@@ -120,10 +133,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "; ".join(exc.problems),
                 )
         with asyncio.Runner(loop_factory=factory) as runner:
-            balancer = Balancer(
-                current, send_alerts=index == 0, loader=lambda: load_config(args.config)
-            )
-            main = serve(current, balancer, access_log=access_log, sockets=sockets)
+            balancer = Balancer(current, send_alerts=index == 0, loader=load)
+            main = serve(current, balancer, sockets=sockets)
             if channel is not None:
                 main = Member(balancer, channel, index).run(main)
             runner.run(main)

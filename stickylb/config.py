@@ -402,6 +402,14 @@ class WebhookConfig(_Model):
         return value
 
 
+class AccessLogConfig(_Model):
+    """One line per request (``--access-log`` turns it on with these settings)."""
+
+    enabled: bool = False
+    format: Literal["combined", "json"] = "combined"
+    path: str = "-"  # "-": standard output
+
+
 class AdminConfig(_Model):
     """The balancer's own endpoints (``/_lb/health``)."""
 
@@ -460,6 +468,8 @@ class Config(BaseSettings):
     health: HealthConfig = HealthConfig()
     email: EmailConfig | None = None
     webhooks: list[WebhookConfig] = Field(default_factory=list)
+    access_log: AccessLogConfig = AccessLogConfig()
+    request_id_header: str | None = "X-Request-Id"
     admin: AdminConfig = AdminConfig()
     state_file: str | None = None
     backends: list[BackendConfig] = Field(min_length=1)

@@ -51,7 +51,7 @@ DEFAULT_REMOVE_TIMEOUT = 30.0
 TICK = 0.25  # seconds between looks at slow starts, expiries and removals
 SERVICE_RESTART = 1012
 # Settings read only when the process starts; a reload names them when they changed.
-RESTART_SETTINGS = {"port": "port", "host": "host"}
+RESTART_SETTINGS = {"port": "port", "host": "host", "accessLog": "access_log"}
 
 
 class ControlError(Exception):

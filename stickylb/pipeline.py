@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
+import os
 from collections.abc import Callable
 from time import monotonic
 from typing import NamedTuple, Protocol
 
+from .access_log import Details
 from .core.admission import Admission
 from .core.affinity import StickyCookie
 from .core.errors import (
@@ -48,7 +51,7 @@ from .core.errors import (
 )
 from .core.headers import FORWARDING_HEADERS, Forwarding, Header, header_lines, not_forwarded
 from .core.pool import MAINT, Backend, Choice, Pool
-from .core.stats import Stats
+from .core.stats import AFFINITY_RESULTS, Stats
 from .core.targets import AdminPrefix, origin_form, path_of
 from .wire.backend import BackendConnection, Connections
 from .wire.client import Request
@@ -71,6 +74,9 @@ log = logging.getLogger("stickylb.proxy")
 # Where the admin endpoints' own app serves them, whatever ``admin.prefix`` is (it may change
 # on a reload; the app does not).
 INTERNAL_ADMIN_PREFIX = b"/_lb"
+# Request ids: unique per process (a random prefix) and cheap (a counter).
+_ID_PREFIX = os.urandom(6).hex().encode()
+_ids = itertools.count(1)
 # Indexes of ``Stats.affinity`` (``core.stats.AFFINITY_RESULTS``).
 NEW, HIT, REPINNED, INVALID = range(4)
 # Body bytes read before a backend connection is ready; past this the client is not read.
@@ -129,6 +135,7 @@ class PipelineSettings(NamedTuple):
     admin_allowed: Callable[[str | None, bytes | None, list[bytes]], bool]
     unavailable: Answer
     keep_backend_connections: bool
+    request_id_header: str | None = "X-Request-Id"
 
 
 class Pipeline:
@@ -173,6 +180,12 @@ class Pipeline:
         self.admin_allowed = settings.admin_allowed
         self.unavailable = settings.unavailable
         self.close_backend = b"" if settings.keep_backend_connections else b"Connection: close\r\n"
+        name = settings.request_id_header
+        self.request_id_name = name.encode() if name else None
+        self.request_id_lower = name.lower().encode() if name else b""
+        # Never copied from a client, nor from a backend's answer: we write our own.
+        self.not_copied = _NOT_COPIED | {self.request_id_lower} if name else _NOT_COPIED
+        self.not_returned = frozenset({self.request_id_lower}) if name else frozenset()
         for backend in self.pool.backends:
             self.dress(backend)
 
@@ -239,6 +252,20 @@ class Pipeline:
             choice = pool.choose(token)
         return choice
 
+    def request_id(self, peer: str | None, headers: list[Header]) -> bytes:
+        """The id of a request: a trusted proxy's (when sane), else a new one."""
+        if self.forwarding.trusts(peer):
+            wanted = self.request_id_lower
+            for lname, _, value in headers:
+                if (
+                    lname == wanted
+                    and 0 < len(value) <= 200
+                    and value.isascii()
+                    and b" " not in value
+                ):
+                    return value
+        return b"%s%08x" % (_ID_PREFIX, next(_ids))
+
     def close_tunnels(self) -> None:
         for tunnel in list(self.tunnels):
             tunnel.close(GOING_AWAY, "going away")
@@ -280,7 +307,9 @@ class RequestCycle:
 
     __slots__ = (
         "_admitted",
+        "_affinity",
         "_answered",
+        "_attached",
         "_backend",
         "_body_received",
         "_body_sent",
@@ -288,17 +317,20 @@ class RequestCycle:
         "_client",
         "_conn",
         "_connections",
+        "_ended",
         "_finished",
         "_fresh_retry",
         "_internal",
         "_p",
         "_request",
+        "_request_id",
         "_sent",
         "_started",
         "_target",
         "_task",
         "_token",
         "_tried",
+        "_upstream_status",
     )
 
     def __init__(self, pipeline: Pipeline, client: Client, request: Request) -> None:
@@ -322,6 +354,11 @@ class RequestCycle:
         self._body_received = 0
         self._started = monotonic()
         self._sent = 0  # answer body bytes relayed
+        self._attached = 0.0  # when the request went to the backend (monotonic)
+        self._ended = 0.0  # when the backend's answer ended
+        self._upstream_status = 0
+        self._affinity = -1
+        self._request_id = b""
 
     # --- 1. the request ----------------------------------------------------------------------
 
@@ -346,6 +383,8 @@ class RequestCycle:
                 return
         if p.sticky and request.cookie is not None:
             self._token = p.cookie.read(request.cookie)
+        if p.request_id_name is not None:
+            self._request_id = p.request_id(self._client.peer, request.headers)
         choice = p.admit(self._token)
         if choice is not None:
             self._admitted = True
@@ -383,6 +422,7 @@ class RequestCycle:
         else:
             result = REPINNED  # its backend could not take it
         p.stats.affinity[result] += 1
+        self._affinity = result
 
     def request_body(self, piece: bytes) -> None:
         if self._finished or not self._count_body(piece):
@@ -452,6 +492,7 @@ class RequestCycle:
         """Send the request on ``conn``: the head with whatever of the body has arrived, in one
         write (a small request is one packet); the rest follows as it comes."""
         self._conn = conn
+        self._attached = monotonic()
         request = self._request
         out = [self._request_head()]
         if request.framing != NO_BODY:
@@ -503,11 +544,13 @@ class RequestCycle:
             extra += b"Connection: Upgrade\r\nUpgrade: " + request.upgrade + b"\r\n"
         else:
             extra += p.close_backend
+        if self._request_id:
+            extra += b"%s: %s\r\n" % (p.request_id_name, self._request_id)
         client = self._client
         return p.forwarding.head(
             b"%s %s%s HTTP/1.1\r\n" % (request.method, prefix, target),
             request.headers,
-            not_forwarded(request.connection, _NOT_COPIED),
+            not_forwarded(request.connection, p.not_copied),
             peer=client.peer,
             peer_bytes=client.peer_bytes,
             scheme=client.scheme,
@@ -554,7 +597,8 @@ class RequestCycle:
         conn = self._conn
         assert conn is not None
         self._answered = True
-        parts = header_lines(headers, not_forwarded(conn.connection))
+        self._upstream_status = status
+        parts = header_lines(headers, not_forwarded(conn.connection, self._p.not_returned))
         length_header = conn.content_length
         if framing == NO_BODY and length_header is not None and status >= 200 and status != 204:
             parts += (b"Content-Length: ", length_header, b"\r\n")  # what HEAD or 304 stand for
@@ -572,7 +616,8 @@ class RequestCycle:
         backend = self._backend
         if backend is not None:
             stats = backend.stats
-            stats.durations.observe(monotonic() - self._started)
+            self._ended = now = monotonic()
+            stats.durations.observe(now - self._started)
             stats.response_bytes += self._sent
         self._let_go(reusable=self._request.complete)
         self._finish()
@@ -592,7 +637,8 @@ class RequestCycle:
             self.backend_failed(UpstreamError("101 without a WebSocket upgrade", request_sent=True))
             return
         self._answered = True
-        parts = header_lines(headers, not_forwarded(conn.connection))
+        self._upstream_status = 101
+        parts = header_lines(headers, not_forwarded(conn.connection, self._p.not_returned))
         self._mark(parts)
         owner = self._choice.backend if self._choice is not None else None
         if owner is not None:
@@ -646,6 +692,8 @@ class RequestCycle:
         if choice.repinned:
             parts.append(backend.pin)
         parts.append(backend.id_line)
+        if self._request_id:
+            parts += (self._p.request_id_name or b"", b": ", self._request_id, b"\r\n")
 
     # --- failures ------------------------------------------------------------------------
 
@@ -833,6 +881,24 @@ class RequestCycle:
             self._p.admission.leave()
 
     # --- for logs ----------------------------------------------------------------------------
+
+    def details(self, head_size: int) -> Details:
+        """This request as its access-log line tells it (read only when that log is on)."""
+        choice = self._choice
+        now = monotonic()
+        upstream = None
+        if self._attached:
+            upstream = ((self._ended or now) - self._attached) * 1000
+        return Details(
+            backend=str(choice.backend.id) if choice is not None else None,
+            upstream_status=self._upstream_status or None,
+            total_ms=(now - self._started) * 1000,
+            upstream_ms=upstream,
+            affinity=AFFINITY_RESULTS[self._affinity] if self._affinity >= 0 else None,
+            retries=len(self._tried),
+            request_id=self._request_id.decode("latin-1") or None,
+            bytes_in=head_size + self._body_received,
+        )
 
     def _method(self) -> str:
         return self._request.method.decode("latin-1")

@@ -147,7 +147,7 @@ class Server:
             self.balancer.pipeline.exchange,
             self.balancer.sweeper,
             **front_settings(config),
-            access_log=AccessLog(access_log) if access_log is not None else None,
+            access_log=access_log_for(config, access_log),
             stats=self.balancer.stats,
         )
         self.balancer.pipeline.on_local_error = self.pause_accepting
@@ -184,6 +184,14 @@ class Server:
                     ) from None
                 raise StartupError(
                     f"cannot listen on {config.host}:{config.port}: {exc.strerror}"
+                ) from None
+        access_log = self.front.access_log
+        if access_log is not None and access_log.writer is not None:
+            try:
+                access_log.writer.start()
+            except OSError as exc:
+                raise StartupError(
+                    f"accessLog.path: cannot open {config.access_log.path}: {exc.strerror}"
                 ) from None
         await self.balancer.start()
         self._acceptors = [Acceptor(sock, self.front, self) for sock in self._sockets]
@@ -243,6 +251,19 @@ class Server:
                 connection.transport.abort()
         await asyncio.sleep(0)
         await self.balancer.stop()
+        access_log = self.front.access_log
+        if access_log is not None and access_log.writer is not None:
+            await access_log.writer.stop()
+
+
+def access_log_for(config: Config, logger: logging.Logger | None) -> AccessLog | None:
+    """The access log: to ``logger`` when one is given, else as ``accessLog`` says."""
+    settings = config.access_log
+    if logger is not None:
+        return AccessLog.to_logger(logger, settings.format)
+    if settings.enabled:
+        return AccessLog.to_path(settings.path, settings.format)
+    return None
 
 
 def front_settings(config: Config) -> dict[str, Any]:

@@ -317,3 +317,33 @@ async def test_shutdown_with_drain_timeout_closes_websockets_with_1012(tmp_path)
             assert await asyncio.to_thread(proc.proc.wait, 10) == 0
         finally:
             proc.stop()
+
+
+async def test_json_access_log_to_a_file_and_trusted_request_ids(tmp_path):
+    async with backends("a") as (a,):
+        path = tmp_path / "config.json"
+        log_path = tmp_path / "access.log"
+        write_config(
+            path,
+            [a],
+            accessLog={"enabled": True, "format": "json", "path": str(log_path)},
+            trustedProxies=["127.0.0.1/32"],
+        )
+        proc = start(path, tmp_path)
+        try:
+            async with aiohttp.ClientSession() as client:
+                async with client.get(
+                    proc.url + "/", headers={"X-Request-Id": "from-proxy-1"}
+                ) as r:
+                    assert r.headers["X-Request-Id"] == "from-proxy-1"
+                async with client.get(proc.url + "/status/503") as r:
+                    generated = r.headers["X-Request-Id"]
+            await until(lambda: log_path.exists() and len(log_path.read_text().splitlines()) >= 2)
+        finally:
+            assert proc.stop() == 0
+    first, second = (json.loads(line) for line in log_path.read_text().splitlines()[:2])
+    assert first["requestId"] == "from-proxy-1" and first["status"] == 200
+    assert first["backend"] == "a" and first["affinity"] == "new" and first["retries"] == 0
+    assert first["method"] == "GET" and first["target"] == "/" and first["client"] == "127.0.0.1"
+    assert first["totalMs"] >= first["upstreamMs"] >= 0 and first["bytesIn"] > 0
+    assert second["requestId"] == generated and second["upstreamStatus"] == 503

@@ -324,14 +324,27 @@ async def test_access_log_has_one_line_per_request(caplog):
         async with balancer(lb_config(*servers), access_log=logger) as lb:
             async with raw_client(lb.url) as client:
                 await client.send(get("/echo?fast=1", "User-Agent: probe/1"))
-                await client.reply()
+                first = await client.reply()
                 await client.send(post("/echo?slow=1", b"xyz"))
                 await client.reply()
     lines = [r.getMessage() for r in caplog.records if r.name == "stickylb.access"]
     assert len(lines) == 2, lines
-    pattern = r'^127\.0\.0\.1 \[[^\]]+\] "{} HTTP/1\.1" 200 \d+ "-" "{}"$'
-    assert re.match(pattern.format(r"GET /echo\?fast=1", "probe/1"), lines[0]), lines[0]
-    assert re.match(pattern.format(r"POST /echo\?slow=1", "-"), lines[1]), lines[1]
+    pattern = (
+        r'^127\.0\.0\.1 - - \[[^\]]+\] "{} HTTP/1\.1" 200 (\d+) "-" "{}"'
+        r" backend=a upstream_status=200 total_ms=[\d.]+ upstream_ms=[\d.]+"
+        r" bytes_in=(\d+) bytes_out=(\d+) affinity=(\w+) retries=0 request_id=(\S+)$"
+    )
+    match = re.match(pattern.format(r"GET /echo\?fast=1", "probe/1"), lines[0])
+    assert match, lines[0]
+    assert match.group(4) == "new" and match.group(1) == match.group(3)
+    request_id = match.group(5)
+    assert first.headers["x-request-id"] == request_id
+    echoed = {k.lower(): v for k, v in json.loads(first.body)["headers"].items()}
+    assert echoed["x-request-id"] == request_id  # the backend got the same one
+    match = re.match(pattern.format(r"POST /echo\?slow=1", "-"), lines[1])
+    assert match, lines[1]
+    assert int(match.group(2)) > 3  # the head and the 3-byte body
+    assert match.group(5) != request_id
 
 
 async def test_admin_paths_are_ours_on_any_connection_in_any_spelling():

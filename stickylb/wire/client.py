@@ -42,7 +42,7 @@ from typing import Protocol, cast
 
 import httptools
 
-from ..access_log import AccessLog
+from ..access_log import AccessLog, Details
 from ..core.errors import (
     BadRequest,
     ClientError,
@@ -97,6 +97,8 @@ class Exchange(Protocol):
 
     def client_failed(self, error: ClientError) -> None: ...
 
+    def details(self, head_size: int) -> Details: ...
+
 
 class Request:
     """One request as the client sent it; its body arrives through the exchange."""
@@ -108,6 +110,7 @@ class Request:
         "early",
         "expect_continue",
         "framing",
+        "head_size",
         "headers",
         "host",
         "keep_alive",
@@ -139,6 +142,7 @@ class Request:
         self.trailers: list[Header] | None = None
         self.early = b""  # bytes after a WebSocket handshake, for the tunnel
         self.sink: Exchange | None = None
+        self.head_size = 0  # bytes of the head as received (for the access log)
 
 
 class Front:
@@ -548,6 +552,7 @@ class ClientConnection(asyncio.Protocol):
         if self._priming or request is None or self._overflow:
             return
         parser = self._parser
+        request.head_size = self._head_bytes
         self._head_bytes = -1
         version = parser.get_http_version()
         try:
@@ -857,7 +862,7 @@ class ClientConnection(asyncio.Protocol):
         """Write ``head`` (a 101), then give the socket to the tunnel ``open_tunnel`` makes:
         this protocol lets go of it for good (None when the client has gone meanwhile)."""
         transport = self.transport
-        request = self.request
+        request, cycle = self.request, self._cycle
         self._front.forget(self)
         self._cycle = None
         self._queue.clear()
@@ -869,7 +874,7 @@ class ClientConnection(asyncio.Protocol):
             request.sink = None
             self._status = 101
             self._sent = len(head)
-            self._log(request)
+            self._log(request, cycle)
         if transport is None or transport.is_closing():
             open_tunnel(None)
             return
@@ -882,7 +887,7 @@ class ClientConnection(asyncio.Protocol):
     def tunnel_closed(self) -> None:
         pass
 
-    def _log(self, request: Request) -> None:
+    def _log(self, request: Request, cycle: Exchange | None) -> None:
         access_log = self._front.access_log
         if access_log is not None:
             access_log.log(
@@ -893,6 +898,7 @@ class ClientConnection(asyncio.Protocol):
                 request.headers,
                 self._status,
                 self._sent,
+                cycle.details(request.head_size) if cycle is not None else None,
             )
 
     def _keeps(self, request: Request) -> bool:
@@ -929,14 +935,15 @@ class ClientConnection(asyncio.Protocol):
 
     def _answered(self) -> None:
         """The current request is done: on to the next one, or close."""
-        if self._cycle is None:
+        cycle = self._cycle
+        if cycle is None:
             return
         self._cycle = None
         request = self.request
         if request is not None:
             request.sink = None
             if self._front.access_log is not None:
-                self._log(request)
+                self._log(request, cycle)
         self.request = None
         transport = self.transport
         if transport is None:
