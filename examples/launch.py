@@ -1,6 +1,7 @@
 """Start N example backends on consecutive local ports; Ctrl+C (or SIGTERM) stops them all.
 
-python -m examples.launch -n 3 --port 5001     # backend-1..3 on 5001..5003
+python3 examples/launch.py -n 3 --port 5001    # backend-1..3 on 5001..5003 (from anywhere)
+python3 -m examples.launch -n 3                 # the same, from the repository's root
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-m",
-                "examples.backend",
+                "stickylb.demo.backend",  # the installed package: works from any folder
                 "--name",
                 f"backend-{i + 1}",
                 "--host",

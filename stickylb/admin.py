@@ -24,6 +24,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs, web
@@ -34,6 +35,7 @@ from .control import DEFAULT_REMOVE_TIMEOUT, ControlError
 from .core.headers import original_client, parse_networks, peer_in
 from .core.pool import Backend
 from .durations import parse_duration
+from .events import sse
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .metrics import exposition, registry_for
 from .pipeline import INTERNAL_ADMIN_PREFIX
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("stickylb.control")
 
 DEFAULT_WAIT = 30.0
+KEEPALIVE_COMMENT = 15.0  # seconds of silence on an event stream before a comment line
+DASHBOARD = Path(__file__).with_name("dashboard.html")
 MAX_WAIT = 3600.0
 
 
@@ -73,6 +77,7 @@ def backend_status(backend: Backend, active: int | None = None) -> dict[str, Any
         "lastChecked": iso(backend.last_checked),
         "lastChange": iso(backend.last_change),
         "lastFailureReason": tracker.last_reason,
+        "lastFailureAt": iso(backend.last_failure),
         "consecutiveSuccesses": tracker.successes,
         "consecutiveFailures": tracker.failures,
         "healthCheck": backend.health.public(),
@@ -155,6 +160,9 @@ class AdminEndpoints:
         write = self._writer(check_access)
         router = app.router
         router.add_get(f"{prefix}/health", read(self.health), allow_head=True)
+        router.add_get(f"{prefix}/", read(self.dashboard), allow_head=True)
+        router.add_get(prefix, read(self.to_dashboard), allow_head=True)
+        router.add_get(f"{prefix}/events", read(self.events))
         router.add_get(f"{prefix}/metrics", read(self.metrics), allow_head=True)
         router.add_get(f"{prefix}/backends", read(self.backends), allow_head=True)
         router.add_get(f"{prefix}/backends/{{id}}", read(self.backend), allow_head=True)
@@ -164,7 +172,6 @@ class AdminEndpoints:
         router.add_delete(f"{prefix}/backends/{{id}}", write(self.delete_backend))
         router.add_post(f"{prefix}/reload", write(self.reload))
         router.add_route("*", f"{prefix}/{{tail:.*}}", self.not_found)
-        router.add_route("*", prefix, self.not_found)
 
     def app(self) -> web.Application:
         """The endpoints alone, for the request pipeline (which has checked read access)."""
@@ -236,6 +243,48 @@ class AdminEndpoints:
             "backends": [self.status(backend) for backend in balancer.pool.backends],
         }
         return web.json_response(payload, headers=NO_STORE)
+
+    async def dashboard(self, request: web.Request) -> web.StreamResponse:
+        page = DASHBOARD.read_bytes()
+        return web.Response(
+            body=page,
+            headers={
+                **NO_STORE,
+                "Content-Type": "text/html; charset=utf-8",
+                # Everything it needs is inline or ours: nothing from elsewhere may run.
+                "Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline';"
+                " script-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
+                "X-Frame-Options": "DENY",
+            },
+        )
+
+    async def to_dashboard(self, request: web.Request) -> web.StreamResponse:
+        # The page reaches the API by relative URLs: it must be read at "prefix/".
+        location = self._balancer.config.admin.prefix + "/"
+        return web.Response(status=308, headers={"Location": location, **NO_STORE})
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        hub = self._balancer.events
+        queue = hub.subscribe()
+        response = web.StreamResponse(
+            headers={**NO_STORE, "Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
+        )
+        try:
+            await response.prepare(request)
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), KEEPALIVE_COMMENT)
+                except TimeoutError:
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                if event is None:
+                    break
+                await response.write(sse(event))
+        except ConnectionError:
+            pass  # the reader left
+        finally:
+            hub.unsubscribe(queue)
+        return response
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         if self._registry is None:

@@ -187,6 +187,8 @@ class Alerts:
         self._session: aiohttp.ClientSession | None = None
         self._busy = False
         self.sent = 0
+        # Told of every alert sent or given up (the dashboard's event log).
+        self.on_result: Callable[[str, str, str], None] = lambda channel, result, what: None
         self._pool = pool
         pool.subscribe(self.on_change)
 
@@ -388,8 +390,10 @@ class Alerts:
             self.sent += 1
             self._stats.alerts[(outgoing.channel, "sent")] += 1
             log.info("alert %s sent", outgoing.what)
+            self.on_result(outgoing.channel, "sent", outgoing.what)
             return
         self._stats.alerts[(outgoing.channel, "failed")] += 1
+        self.on_result(outgoing.channel, "failed", outgoing.what)
 
 
 class WebhookRefused(Exception):

@@ -28,6 +28,7 @@ from .core.affinity import StickyCookie
 from .core.headers import Forwarding, parse_networks
 from .core.pool import Backend, Pool
 from .core.stats import Stats
+from .events import Events
 from .health import HealthChecker
 from .pipeline import Internal, Pipeline, PipelineSettings
 from .protocol_log import PROTOCOL_LOGGER
@@ -73,6 +74,7 @@ class Balancer:
         self.alerts = self._alerts(config)
         self.control = Control(self, loader)
         self.checker.on_agent = self.control.agent_says
+        self.events = Events(self)
         self.admin = AdminEndpoints(self)
         # Told of every new config after the balancer's own pieces took it (the server's
         # client-side limits and timeouts).
@@ -95,9 +97,11 @@ class Balancer:
         if self.alerts is not None:
             await self.alerts.start()
         self.control.start()
+        self.events.start()
         await self.checker.start()
 
     async def stop(self) -> None:
+        await self.events.stop()
         await self.control.stop()
         await self.checker.stop()
         if self.alerts is not None:
@@ -147,7 +151,11 @@ class Balancer:
     def _alerts(self, config: Config) -> Alerts | None:
         if not self.send_alerts or (config.email is None and not config.webhooks):
             return None
-        return Alerts(config, self.pool, self.stats)
+        alerts = Alerts(config, self.pool, self.stats)
+        alerts.on_result = lambda channel, result, what: self.events.publish(
+            {"type": "alert", "channel": channel, "result": result, "what": what}
+        )
+        return alerts
 
     # --- the set of backends (runtime control) ---------------------------------------------------
 

@@ -316,6 +316,7 @@ class EmailConfig(_Model):
     host: str | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
     security: Security | None = None
+    secure: bool | None = None  # nodemailer's spelling: true is security "tls"
     auth: EmailAuth = EmailAuth()
     from_: str | None = Field(default=None, alias="from")
     to: Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] = Field(
@@ -359,8 +360,12 @@ class EmailConfig(_Model):
     def smtp_security(self) -> Security:
         if self.security is not None:
             return self.security
+        if self.secure:
+            return "tls"
         if self.service:
             return KNOWN_MAIL_SERVICES[self.service].security
+        if self.port == 465:  # implicit TLS's port, as nodemailer infers
+            return "tls"
         return "none"
 
     @property
@@ -594,21 +599,95 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 
 def build_config(data: Mapping[str, Any] | None = None, **overrides: Any) -> Config:
-    """Validate a mapping (and keyword overrides) into a ``Config``; raise ``ConfigError``."""
+    """Validate a mapping (and keyword overrides) into a ``Config``, with ``STICKYLB_*``
+    environment variables over it; raise ``ConfigError``."""
     values = {**(data or {}), **overrides}
+    variables = environment_settings(os.environ)
+    unknown = [
+        f"{name} (environment): unknown setting" + _env_did_you_mean(name)
+        for name, path in variables.items()
+        if path is None
+    ]
+    if unknown:
+        raise ConfigError(unknown)
     try:
         return Config(**values)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
+        raise ConfigError(format_validation_error(exc, variables)) from None
     except ValueError as exc:  # env values that are not valid JSON for complex fields
         raise ConfigError([f"environment: {exc}"]) from None
 
 
-def format_validation_error(exc: ValidationError) -> list[str]:
+ENV_PREFIX = "STICKYLB_"
+# Read by other tools than the balancer (``stickylb ctl``): not settings.
+NOT_SETTINGS = frozenset({"STICKYLB_CONFIG"})
+
+
+def environment_settings(environ: Mapping[str, str]) -> dict[str, tuple[str, ...] | None]:
+    """Each ``STICKYLB_*`` variable and the setting it reaches (field names), or None when it
+    reaches none: pydantic-settings would ignore it silently, a typo in a file is an error."""
+    found: dict[str, tuple[str, ...] | None] = {}
+    for name in environ:
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in NOT_SETTINGS:
+            continue
+        parts = upper[len(ENV_PREFIX) :].lower().split("__")
+        found[name] = _env_path(Config, parts, top=True)
+    return found
+
+
+def _env_path(model: Any, parts: list[str], *, top: bool) -> tuple[str, ...] | None:
+    """The field path ``parts`` names, as pydantic-settings reads it: at the top level only a
+    field's own (snake_case) name; inside an object its name or its alias."""
+    for name, field in model.model_fields.items():
+        spellings = {name.lower()} if top else {name.lower(), (field.alias or name).lower()}
+        if parts[0] not in spellings:
+            continue
+        if len(parts) == 1:
+            return (name,)
+        sub = _model_of(field.annotation)
+        if sub is not None and typing.get_origin(field.annotation) is not list:
+            rest = _env_path(sub, parts[1:], top=False)
+            return None if rest is None else (name, *rest)
+        if "dict" in str(field.annotation):  # keys of a mapping (health.headers.X)
+            return (name, *parts[1:])
+        return None
+    return None
+
+
+def _env_did_you_mean(name: str) -> str:
+    known = [ENV_PREFIX + "__".join(path).upper() for path in _all_env_paths(Config, ())]
+    match = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.7)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def _all_env_paths(model: Any, prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
+    paths = []
+    for name, field in model.model_fields.items():
+        paths.append((*prefix, name))
+        sub = _model_of(field.annotation)
+        if sub is not None and typing.get_origin(field.annotation) is not list:
+            paths += _all_env_paths(sub, (*prefix, name))
+    return paths
+
+
+def format_validation_error(
+    exc: ValidationError, variables: Mapping[str, tuple[str, ...] | None] | None = None
+) -> list[str]:
+    from_env = {
+        tuple(part.replace("_", "") for part in path): name
+        for name, path in (variables or {}).items()
+        if path is not None
+    }
     lines: list[str] = []
     for error in exc.errors(include_url=False, include_input=False):
         loc = [part for part in error["loc"] if not _is_branch_tag(part)]
         where = ".".join(str(part) for part in loc) or "config"
+        key = tuple(str(part).lower().replace("_", "") for part in loc)
+        for length in range(len(key), 0, -1):
+            if key[:length] in from_env:
+                where += f" (from {from_env[key[:length]]})"
+                break
         kind = error["type"]
         message = str(error["msg"])
         if kind == "extra_forbidden":
@@ -677,6 +756,13 @@ def describe(config: Config) -> dict[str, Any]:
     data = config.model_dump(
         mode="json", by_alias=True, exclude={"backends", "health", "unavailable"}
     )
+    if config.email is not None:  # what will be used, not what was left out
+        data["email"].update(
+            host=config.email.smtp_host,
+            port=config.email.smtp_port,
+            security=config.email.smtp_security,
+            **{"from": config.email.sender},
+        )
     if config.unavailable is not None:
         data["unavailable"] = config.unavailable.model_dump(
             mode="json", by_alias=True, exclude={"handler"}

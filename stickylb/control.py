@@ -321,6 +321,9 @@ class Control:
             len(updated),
         )
         self.save()
+        balancer.events.publish(
+            {"type": "reload", "by": by, "added": added, "removed": removed, "updated": updated}
+        )
         return {
             "reloaded": True,
             "added": added,

@@ -16,6 +16,7 @@ import asyncio
 import inspect
 import logging
 import random
+import socket
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ def probe_failure(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, aiohttp.ConnectionTimeoutError | TimeoutError):
         return f"timeout after {format_ms(timeout)} ms"
     if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, socket.gaierror):
+            return f"DNS lookup failed for {exc.host}"
         return CONNECT_ERRNOS.get(exc.os_error.errno or 0, "connect failed")
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "backend closed the connection"

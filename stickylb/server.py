@@ -233,6 +233,7 @@ class Server:
             sock.close()
         front = self.front
         front.close_idle()
+        self.balancer.events.close()  # event streams end now; nobody waits for a dashboard
         pipeline = self.balancer.pipeline
         limit = self.config.shutdown_timeout if grace is None else grace
         within = self.config.websocket.drain_timeout
@@ -298,10 +299,11 @@ async def serve(
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
     log.info(
-        "stickylb listening on %s (strategy %s, %d backends)",
+        "stickylb listening on %s (strategy %s, %d backend%s)",
         ", ".join(addresses),
         config.strategy,
         len(server.balancer.pool.backends),
+        "" if len(server.balancer.pool.backends) == 1 else "s",
     )
     if on_ready is not None:
         on_ready(addresses)

@@ -68,6 +68,7 @@ class Backend:
     active: int = 0
     last_checked: float | None = None
     last_change: float | None = None
+    last_failure: float | None = None  # unix time of the last failed check or live failure
     passive_failures: deque[float] = field(default_factory=deque)
     # Runtime control (``control.py``): none of it changes per request.
     admin_state: str = READY
@@ -328,6 +329,7 @@ class Pool:
             backend.stats.checks_passed += 1
         else:
             backend.stats.checks_failed += 1
+            backend.last_failure = now
         if backend.tracker.record(ok, reason):
             if ok:
                 backend.passive_failures.clear()
@@ -337,6 +339,7 @@ class Pool:
     def record_passive_failure(self, backend: Backend, reason: str) -> None:
         """A proxied request could not reach ``backend``: enough of them mark it down now."""
         backend.stats.passive_failures += 1
+        backend.last_failure = time.time()
         if self._max_fails <= 0 or not backend.healthy:
             return
         now = time.monotonic()

@@ -49,19 +49,19 @@ class Histogram:
     def count(self) -> int:
         return sum(self.counts)
 
-    def quantile(self, q: float) -> float | None:
-        """An estimate (the upper bound of the bucket holding the ``q`` quantile)."""
-        total = self.count
-        if not total:
-            return None
-        wanted, running = q * total, 0
-        for bound, count in zip(
-            (*DURATION_BUCKETS, DURATION_BUCKETS[-1]), self.counts, strict=True
-        ):
-            running += count
-            if running >= wanted:
-                return bound
-        return DURATION_BUCKETS[-1]
+
+def quantile(counts: list[int], q: float) -> float | None:
+    """Seconds: the upper bound of the bucket that holds the ``q`` quantile of ``counts``
+    (per-bucket counts), as coarse as the buckets are; None without a value."""
+    total = sum(counts)
+    if not total:
+        return None
+    running = 0
+    for bound, count in zip((*DURATION_BUCKETS, DURATION_BUCKETS[-1]), counts, strict=True):
+        running += count
+        if running >= q * total:
+            return bound
+    return DURATION_BUCKETS[-1]
 
 
 def cumulative(counts: list[int]) -> list[tuple[str, int]]:

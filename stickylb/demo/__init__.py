@@ -69,7 +69,7 @@ def _default_config(args: argparse.Namespace, ports: list[int]) -> Config:
 
 def _instructions(config: Config, addresses: list[str]) -> str:
     url = addresses[0].replace("0.0.0.0", "127.0.0.1")
-    first = config.backends[0].url
+    recover = [f"  recover {b.id:<12}curl -X POST {b.url}/admin/recover" for b in config.backends]
     return "\n".join(
         [
             "",
@@ -79,7 +79,8 @@ def _instructions(config: Config, addresses: list[str]) -> str:
             f"  a new client        curl {url}/",
             f"  balancer status     curl {url}/_lb/health",
             f"  fail your backend   curl -b /tmp/lb.jar -X POST {url}/admin/fail",
-            f"  recover one         curl -X POST {first}/admin/recover",
+            "  (the x-backend-id header, or /_lb/health, says which backend you are on)",
+            *recover,
             "  stop                Ctrl+C",
             "",
         ]

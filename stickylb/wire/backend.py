@@ -106,9 +106,12 @@ def tcp_opener(host: str, port: int, tls: bool) -> Opener:
 
     async def open_tcp(factory: Callable[[], BackendConnection]) -> BackendConnection:
         loop = asyncio.get_running_loop()
-        _, protocol = await loop.create_connection(
-            factory, host, port, ssl=context, server_hostname=host if context else None
-        )
+        try:
+            _, protocol = await loop.create_connection(
+                factory, host, port, ssl=context, server_hostname=host if context else None
+            )
+        except socket.gaierror:
+            raise UpstreamConnectError(f"DNS lookup failed for {host}") from None
         return protocol
 
     return open_tcp
