@@ -17,7 +17,6 @@ instead (``Server(access_log=logger)``, for embedding).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import sys
@@ -27,6 +26,7 @@ from collections.abc import Callable, Iterable
 from typing import IO, NamedTuple
 
 from .core.headers import Header
+from .tasks import cancel
 
 log = logging.getLogger("stickylb")
 
@@ -65,11 +65,8 @@ class LineWriter:
         self._task = asyncio.create_task(self._write_forever(), name="stickylb-access-log")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel(task)
         if self._lines and self._file is not None:
             self._write(list(self._lines))
             self._lines.clear()

@@ -358,23 +358,20 @@ class AdminEndpoints:
         return web.json_response(answer, status=status, headers=NO_STORE)
 
     async def set_state(self, request: web.Request) -> web.StreamResponse:
-        body = await _json_object(request)
-        if isinstance(body, web.Response):
-            return body
-        if "state" not in body:
-            return error(400, ["state: required (ready, drain or maint)"])
-        return await self._run(
-            request, {"op": "state", "id": request.match_info["id"], "state": body["state"]}
-        )
+        return await self._set(request, "state", "state: required (ready, drain or maint)")
 
     async def set_weight(self, request: web.Request) -> web.StreamResponse:
+        return await self._set(request, "weight", "weight: required")
+
+    async def _set(self, request: web.Request, field: str, missing: str) -> web.StreamResponse:
+        """``{field: value}`` in, the operation of the same name on the backend."""
         body = await _json_object(request)
         if isinstance(body, web.Response):
             return body
-        if "weight" not in body:
-            return error(400, ["weight: required"])
+        if field not in body:
+            return error(400, [missing])
         return await self._run(
-            request, {"op": "weight", "id": request.match_info["id"], "weight": body["weight"]}
+            request, {"op": field, "id": request.match_info["id"], field: body[field]}
         )
 
     async def put_backend(self, request: web.Request) -> web.StreamResponse:

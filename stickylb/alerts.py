@@ -22,7 +22,6 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -35,6 +34,7 @@ from yarl import URL
 from .config import Config, EmailConfig, WebhookConfig
 from .core.pool import Backend, Pool, StateChange
 from .core.stats import Stats
+from .tasks import cancel
 
 log = logging.getLogger("stickylb.alerts")
 
@@ -347,10 +347,8 @@ class Alerts:
                 left = self._queue.qsize() + int(self._busy)
                 if left:
                     log.warning("shutdown: abandoned %s", plural(left, "unsent alert"))
-            self._sender.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._sender
-            self._sender = None
+            sender, self._sender = self._sender, None
+            await cancel(sender)
         if self._session is not None:
             await self._session.close()
             self._session = None

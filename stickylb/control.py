@@ -41,6 +41,7 @@ from pydantic import ValidationError
 from .config import BackendConfig, Config, ConfigError, format_validation_error
 from .core.pool import ADMIN_STATES, DRAIN, MAINT, READY, Backend, Pool, new_backend
 from .durations import format_duration, parse_duration
+from .tasks import cancel
 
 if TYPE_CHECKING:
     from .app import Balancer
@@ -104,11 +105,8 @@ class Control:
         self._task = asyncio.create_task(self._tick_forever(), name="stickylb-control")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel(task)
 
     # --- operations -------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .core.pool import StateChange
 from .core.stats import AFFINITY_RESULTS, quantile
+from .tasks import cancel
 
 if TYPE_CHECKING:
     from .app import Balancer
@@ -116,11 +117,8 @@ class Events:
 
     async def stop(self) -> None:
         self.close()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel(task)
 
     async def _tick_forever(self) -> None:
         while True:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import metrics
 from .control import ControlError
+from .tasks import cancel
 
 if TYPE_CHECKING:
     from .app import Balancer
@@ -194,11 +195,7 @@ class Member:
         try:
             await main
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel(*tasks)
             self._writer.close()
 
     def _publish(self, op: dict[str, Any]) -> None:

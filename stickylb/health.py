@@ -18,7 +18,6 @@ import logging
 import random
 import socket
 from collections.abc import Callable, Mapping
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +26,7 @@ import aiohttp
 from .config import Config, HealthCallable, HealthSettings
 from .core.pool import Backend, Pool
 from .durations import format_ms
+from .tasks import cancel
 from .wire.backend import CONNECT_ERRNOS
 
 log = logging.getLogger("stickylb.health")
@@ -105,11 +105,7 @@ class HealthChecker:
         self._running = False
         tasks = list(self._tasks.values())
         self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with suppress(asyncio.CancelledError):
-                await task
+        await cancel(*tasks)
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 
 from .durations import parse_duration
+from .tasks import cancel
 
 log = logging.getLogger("stickylb.registration")
 
@@ -127,7 +128,5 @@ async def registered(
         try:
             yield registration
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            await cancel(heartbeat)
             await registration.deregister(drain_timeout)

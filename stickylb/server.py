@@ -34,7 +34,7 @@ from .access_log import AccessLog
 from .app import Balancer
 from .config import Config
 from .control import ControlError
-from .wire.client import Front
+from .wire.client import Front, FrontLimits
 
 log = logging.getLogger("stickylb")
 
@@ -146,7 +146,7 @@ class Server:
         self.front = Front(
             self.balancer.pipeline.exchange,
             self.balancer.sweeper,
-            **front_settings(config),
+            front_limits(config),
             access_log=access_log_for(config, access_log),
             stats=self.balancer.stats,
         )
@@ -161,7 +161,7 @@ class Server:
     def _reconfigure(self, config: Config) -> None:
         """A reload: new limits and timeouts for the connections' next requests."""
         self.config = config
-        self.front.configure(**front_settings(config))
+        self.front.configure(front_limits(config))
 
     @property
     def addresses(self) -> list[str]:
@@ -267,17 +267,17 @@ def access_log_for(config: Config, logger: logging.Logger | None) -> AccessLog |
     return None
 
 
-def front_settings(config: Config) -> dict[str, Any]:
+def front_limits(config: Config) -> FrontLimits:
     timeouts, limits = config.timeouts, config.limits
-    return {
-        "max_head": limits.max_head_size,
-        "max_line": limits.max_header_size,
-        "max_headers": limits.max_headers,
-        "head_timeout": timeouts.head,
-        "keep_alive": timeouts.keep_alive,
-        "body_timeout": timeouts.client_body,
-        "send_timeout": timeouts.read,
-    }
+    return FrontLimits(
+        max_head=limits.max_head_size,
+        max_line=limits.max_header_size,
+        max_headers=limits.max_headers,
+        head_timeout=timeouts.head,
+        keep_alive=timeouts.keep_alive,
+        body_timeout=timeouts.client_body,
+        send_timeout=timeouts.read,
+    )
 
 
 async def serve(

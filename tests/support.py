@@ -496,3 +496,42 @@ def cyclic_garbage() -> Counter[str]:
         gc.set_debug(0)
         gc.garbage.clear()
         gc.collect()
+
+
+class Load:
+    """Clients sending GETs until the block ends (bounded: ``limit`` requests each), counting
+    who served them and every failure. ``sticky`` clients keep their cookie."""
+
+    def __init__(
+        self, url: str, *, clients: int = 6, limit: int = 2000, sticky: bool = False
+    ) -> None:
+        self.url = url
+        self.clients = clients
+        self.limit = limit
+        self.sticky = sticky
+        self.failures: list[Any] = []
+        self.served: Counter[str] = Counter()
+        self._done = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Load:
+        self._tasks = [asyncio.create_task(self._client()) for _ in range(self.clients)]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._done.set()
+        await asyncio.gather(*self._tasks)
+
+    async def _client(self) -> None:
+        session = client_session() if self.sticky else aiohttp.ClientSession()
+        async with session as client:
+            for _ in range(self.limit):
+                if self._done.is_set():
+                    return
+                try:
+                    async with client.get(self.url) as resp:
+                        if resp.status != 200:
+                            self.failures.append(resp.status)
+                        self.served[await resp.text()] += 1
+                except aiohttp.ClientError as exc:
+                    self.failures.append(repr(exc))

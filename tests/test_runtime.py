@@ -18,6 +18,7 @@ import stickylb
 
 from .support import (
     FAST_HEALTH,
+    Load,
     backends,
     backends_config,
     balancer,
@@ -200,34 +201,14 @@ async def test_put_adds_a_backend_that_takes_traffic_only_after_its_first_check(
 
 async def test_delete_under_load_fails_no_request_and_rebalances_pinned_clients():
     async with backends("a", "b") as (a, b), balancer(config_for(a, b)) as lb:
-        failures: list[Any] = []
-        done = asyncio.Event()
-
-        async def load() -> Counter[str]:
-            seen: Counter[str] = Counter()
-            async with client_session() as client:
-                for _ in range(400):
-                    if done.is_set():
-                        break
-                    try:
-                        async with client.get(lb.url + "/slow?delay=0.02") as resp:
-                            if resp.status != 200:
-                                failures.append(resp.status)
-                            seen[await resp.text()] += 1
-                    except aiohttp.ClientError as exc:
-                        failures.append(exc)
-            return seen
-
-        loaders = [asyncio.create_task(load()) for _ in range(8)]
-        await asyncio.sleep(0.3)
-        status, answer = await api(lb, "DELETE", "/backends/a?timeout=5s")
-        assert status == 202 and answer["removing"] is True
-        await until(lambda: lb.balancer.pool.find("a") is None, limit=8)
-        await asyncio.sleep(0.3)
-        done.set()
-        results = await asyncio.gather(*loaders)
-        assert failures == []
-        assert sum(r["a"] for r in results) > 0
+        async with Load(lb.url + "/slow?delay=0.02", clients=8, limit=400, sticky=True) as load:
+            await asyncio.sleep(0.3)
+            status, answer = await api(lb, "DELETE", "/backends/a?timeout=5s")
+            assert status == 202 and answer["removing"] is True
+            await until(lambda: lb.balancer.pool.find("a") is None, limit=8)
+            await asyncio.sleep(0.3)
+        assert load.failures == []
+        assert load.served["a"] > 0
         status, _ = await api(lb, "GET", "/backends/a", headers={})
         assert status == 404
         async with client_session() as client:

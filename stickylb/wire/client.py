@@ -38,7 +38,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import NamedTuple, Protocol, cast
 
 import httptools
 
@@ -145,6 +145,18 @@ class Request:
         self.head_size = 0  # bytes of the head as received (for the access log)
 
 
+class FrontLimits(NamedTuple):
+    """What the config says about client connections (timeouts in seconds, 0: none)."""
+
+    max_head: int
+    max_line: int
+    max_headers: int
+    head_timeout: float
+    keep_alive: float
+    body_timeout: float
+    send_timeout: float
+
+
 class Front:
     """What every client connection of one listener shares: limits, timeouts, the exchange
     factory, and the set of open connections (for a graceful shutdown)."""
@@ -153,14 +165,8 @@ class Front:
         self,
         exchange: Callable[[ClientConnection, Request], Exchange],
         sweeper: Sweeper,
+        limits: FrontLimits,
         *,
-        max_head: int,
-        max_line: int,
-        max_headers: int,
-        head_timeout: float,
-        keep_alive: float,
-        body_timeout: float,
-        send_timeout: float,
         scheme: bytes = b"http",
         access_log: AccessLog | None = None,
         stats: Stats | None = None,
@@ -169,39 +175,21 @@ class Front:
         self.stats = stats if stats is not None else Stats()
         self.access_log = access_log
         self.sweeper = sweeper
-        self.configure(
-            max_head=max_head,
-            max_line=max_line,
-            max_headers=max_headers,
-            head_timeout=head_timeout,
-            keep_alive=keep_alive,
-            body_timeout=body_timeout,
-            send_timeout=send_timeout,
-        )
+        self.configure(limits)
         self.scheme = scheme
         self.connections: set[ClientConnection] = set()
         self.closing = False
         self._drained: asyncio.Future[None] | None = None
 
-    def configure(
-        self,
-        *,
-        max_head: int,
-        max_line: int,
-        max_headers: int,
-        head_timeout: float,
-        keep_alive: float,
-        body_timeout: float,
-        send_timeout: float,
-    ) -> None:
+    def configure(self, limits: FrontLimits) -> None:
         """Limits and timeouts (again on a reload: each connection's next request uses them)."""
-        self.max_head = max_head
-        self.max_line = max_line
-        self.max_headers = max_headers
-        self.head_timeout = head_timeout or NEVER
-        self.keep_alive = keep_alive or NEVER  # 0: idle connections are never closed
-        self.body_timeout = body_timeout or NEVER
-        self.send_timeout = send_timeout or NEVER
+        self.max_head = limits.max_head
+        self.max_line = limits.max_line
+        self.max_headers = limits.max_headers
+        self.head_timeout = limits.head_timeout or NEVER
+        self.keep_alive = limits.keep_alive or NEVER  # 0: idle connections are never closed
+        self.body_timeout = limits.body_timeout or NEVER
+        self.send_timeout = limits.send_timeout or NEVER
 
     def __call__(self) -> ClientConnection:
         return ClientConnection(self)
