@@ -1,0 +1,109 @@
+"""Compare stickylb with itself, side by side in one run: another git revision, or another
+config, on the same backends and load (the cost of a change, as a ratio).
+
+    python -m benchmarks.ab                                  # HEAD vs HEAD (the noise floor)
+    python -m benchmarks.ab --base 4513358                   # HEAD vs an older revision
+    python -m benchmarks.ab --config '{"requestIdHeader": null}'   # HEAD vs HEAD with a setting
+
+Each variant runs as ``python -m stickylb`` (uvloop) from its own checkout (``git worktree``
+for ``--base``), pinned to the proxy core; the small-GET and POST loads of ``benchmarks.run``
+alternate between the variants ``--repeats`` times, and medians are compared. Loopback only,
+bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import load, peers
+
+
+def start_variant(
+    name: str, checkout: Path, workdir: Path, ports: list[int], extra: dict[str, Any]
+) -> peers.Running:
+    port = peers.free_port()
+    config = {
+        "port": port,
+        "host": "127.0.0.1",
+        "backends": [{"id": f"b{i}", "url": f"http://127.0.0.1:{p}"} for i, p in enumerate(ports)],
+        "health": {"interval": "2s", "path": "/health"},
+        **extra,
+    }
+    path = workdir / f"{name}.json"
+    path.write_text(json.dumps(config))
+    command = [sys.executable, "-m", "stickylb", "--loop", "uvloop", "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    return peers.start(
+        [*command, str(path)], port, name, peers.PROXY_CORE, cwd=str(checkout), env=env
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", help="git revision to compare HEAD with")
+    parser.add_argument("--config", default="{}", help="JSON merged into HEAD's second variant")
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    extra = json.loads(args.config)
+    workdir = Path(tempfile.mkdtemp(prefix="stickylb-ab-"))
+    variants: list[tuple[str, Path, dict[str, Any]]] = [("head", peers.ROOT, {})]
+    worktree = None
+    if args.base:
+        worktree = workdir / "base"
+        subprocess.run(
+            ["git", "-C", str(peers.ROOT), "worktree", "add", "--detach", str(worktree), args.base],
+            check=True,
+            capture_output=True,
+        )
+        variants.append((f"base-{args.base[:12]}", worktree, extra))
+    else:
+        variants.append(("head+config" if extra else "head-again", peers.ROOT, extra))
+    http, ws, ports = peers.start_backends(
+        workdir, use_nginx=peers.shutil.which("nginx") is not None
+    )
+    running = [
+        start_variant(name, checkout, workdir, ports, cfg) for name, checkout, cfg in variants
+    ]
+    results: dict[str, dict[str, list[float]]] = {
+        name: {"get": [], "post": []} for name, *_ in variants
+    }
+    try:
+        for _ in range(args.repeats):
+            for (name, *_), peer in zip(variants, running, strict=True):
+                url = f"http://127.0.0.1:{peer.port}/tiny"
+                results[name]["get"].append(load.http_load(url, args.duration, 64).requests_per_s)
+                results[name]["post"].append(
+                    load.http_load(url, args.duration, 64, body=load.JSON_BODY).requests_per_s
+                )
+    finally:
+        for peer in (*running, http, ws):
+            peer.stop()
+        if worktree is not None:
+            subprocess.run(
+                ["git", "-C", str(peers.ROOT), "worktree", "remove", "--force", str(worktree)],
+                capture_output=True,
+            )
+    first = variants[0][0]
+    print("| variant | GET requests/s | POST requests/s |")
+    print("|---|---|---|")
+    for name, *_ in variants:
+        cells = []
+        for metric in ("get", "post"):
+            value = statistics.median(results[name][metric])
+            ratio = value / statistics.median(results[first][metric])
+            cells.append(f"{value:,.0f} (x{ratio:.3f})")
+        print(f"| {name} | {' | '.join(cells)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
