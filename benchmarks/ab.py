@@ -4,6 +4,7 @@ config, on the same backends and load (the cost of a change, as a ratio).
     python -m benchmarks.ab                                  # HEAD vs HEAD (the noise floor)
     python -m benchmarks.ab --base 4513358                   # HEAD vs an older revision
     python -m benchmarks.ab --config '{"requestIdHeader": null}'   # HEAD vs HEAD with a setting
+    python -m benchmarks.ab --base REV --head-config '{...}'       # HEAD with a setting vs REV
 
 Each variant runs as ``python -m stickylb`` (uvloop) from its own checkout (``git worktree``
 for ``--base``), pinned to the proxy core; the small-GET and POST loads of ``benchmarks.run``
@@ -49,13 +50,17 @@ def start_variant(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", help="git revision to compare HEAD with")
-    parser.add_argument("--config", default="{}", help="JSON merged into HEAD's second variant")
+    parser.add_argument(
+        "--config", default="{}", help="JSON merged into the second variant's config"
+    )
+    parser.add_argument("--head-config", default="{}", help="JSON merged into HEAD's config")
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     extra = json.loads(args.config)
     workdir = Path(tempfile.mkdtemp(prefix="stickylb-ab-"))
-    variants: list[tuple[str, Path, dict[str, Any]]] = [("head", peers.ROOT, {})]
+    head_extra = json.loads(args.head_config)
+    variants: list[tuple[str, Path, dict[str, Any]]] = [("head", peers.ROOT, head_extra)]
     worktree = None
     if args.base:
         worktree = workdir / "base"
@@ -74,13 +79,18 @@ def main(argv: list[str] | None = None) -> int:
         start_variant(name, checkout, workdir, ports, cfg) for name, checkout, cfg in variants
     ]
     results: dict[str, dict[str, list[float]]] = {
-        name: {"get": [], "post": []} for name, *_ in variants
+        name: {"get": [], "post": [], "cpu": []} for name, *_ in variants
     }
     try:
         for _ in range(args.repeats):
             for (name, *_), peer in zip(variants, running, strict=True):
                 url = f"http://127.0.0.1:{peer.port}/tiny"
-                results[name]["get"].append(load.http_load(url, args.duration, 64).requests_per_s)
+                cpu = load.cpu_seconds(peer.http_pid)
+                get = load.http_load(url, args.duration, 64).requests_per_s
+                cpu = load.cpu_seconds(peer.http_pid) - cpu
+                results[name]["get"].append(get)
+                # The proxy's own CPU per request: steadier than requests/s on a busy machine.
+                results[name]["cpu"].append(cpu / (get * args.duration) * 1e6)
                 results[name]["post"].append(
                     load.http_load(url, args.duration, 64, body=load.JSON_BODY).requests_per_s
                 )
@@ -93,14 +103,20 @@ def main(argv: list[str] | None = None) -> int:
                 capture_output=True,
             )
     first = variants[0][0]
-    print("| variant | GET requests/s | POST requests/s |")
-    print("|---|---|---|")
+    print("| variant | GET requests/s | POST requests/s | proxy CPU us per GET |")
+    print("|---|---|---|---|")
     for name, *_ in variants:
         cells = []
-        for metric in ("get", "post"):
+        for metric in ("get", "post", "cpu"):
             value = statistics.median(results[name][metric])
-            ratio = value / statistics.median(results[first][metric])
-            cells.append(f"{value:,.0f} (x{ratio:.3f})")
+            # Paired: each repeat's ratio to the first variant measured right before it, so a
+            # machine that drifts during the run does not count as a difference.
+            ratios = sorted(
+                mine / theirs
+                for mine, theirs in zip(results[name][metric], results[first][metric], strict=True)
+            )
+            spread = f"{ratios[0]:.3f}-{ratios[-1]:.3f}"
+            cells.append(f"{value:,.0f} (x{statistics.median(ratios):.3f}, {spread})")
         print(f"| {name} | {' | '.join(cells)} |")
     return 0
 

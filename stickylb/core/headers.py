@@ -104,6 +104,10 @@ class Forwarding:
         self._preserve_host = preserve_host
         self._trusted = trusted_proxies
 
+    @property
+    def any_trusted(self) -> bool:
+        return bool(self._trusted)
+
     def trusts(self, peer: str | None) -> bool:
         """Whether ``peer`` is one of our trusted proxies."""
         return bool(self._trusted) and peer_in(peer, self._trusted)
