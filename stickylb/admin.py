@@ -149,13 +149,12 @@ class AdminEndpoints:
 
     def __init__(self, balancer: Balancer) -> None:
         self._balancer = balancer
-        self._embedded = False
+        self._internal: web.Application | None = None  # the app the pipeline reaches
         self._registry: CollectorRegistry | None = None
 
     def routes(self, app: web.Application, prefix: str, *, check_access: bool) -> None:
         """Add the endpoints under ``prefix`` to ``app``; ``check_access`` when nothing in
         front checked it (embedding)."""
-        self._embedded = check_access
         read = self._guarded if check_access else _unguarded
         write = self._writer(check_access)
         router = app.router
@@ -175,7 +174,7 @@ class AdminEndpoints:
 
     def app(self) -> web.Application:
         """The endpoints alone, for the request pipeline (which has checked read access)."""
-        app = web.Application()
+        app = self._internal = web.Application()
         self.routes(app, INTERNAL_ADMIN_PREFIX.decode(), check_access=False)
         app.router.add_route("*", "/{tail:.*}", self.not_found)
         return app
@@ -186,7 +185,7 @@ class AdminEndpoints:
         """The client's address, for the log of changes."""
         access = self._balancer.access
         forwarded = request.headers.getall(hdrs.X_FORWARDED_FOR, [])
-        if self._embedded:
+        if request.app is not self._internal:  # embedded: aiohttp saw the peer itself
             return access.client(request.remote, forwarded) or "?"
         # Through the pipeline: the last address of the chain is the peer it saw.
         chain = [part.strip() for value in forwarded for part in value.split(",")]

@@ -78,3 +78,33 @@ async def test_an_embedded_upload_streams_with_its_own_framing():
             assert got["sha"] == hashlib.sha256(block * 64).hexdigest()
         finally:
             await front.stop()
+
+
+async def test_an_embedding_app_serves_the_runtime_api_with_the_token(caplog):
+    caplog.set_level("INFO", logger="stickylb.control")
+    async with backends("a", "b") as servers:
+        config = build_config(
+            {
+                "port": 0,
+                "backends": backends_config(*servers),
+                "health": {"interval": "60s"},
+                "admin": {"token": "embed-token"},
+            }
+        )
+        app = web.Application(handler_args=handler_args(config))
+        balancer = install(app, config)
+        front = await start_app(app, handle_signals=False)
+        try:
+            async with aiohttp.ClientSession() as client:
+                url = front.url + "/_lb/backends/a/state"
+                async with client.post(url, json={"state": "drain"}) as resp:
+                    assert resp.status == 401
+                headers = {"Authorization": "Bearer embed-token"}
+                async with client.post(url, json={"state": "drain"}, headers=headers) as resp:
+                    assert resp.status == 200 and (await resp.json())["adminState"] == "drain"
+                async with client.get(front.url + "/_lb/metrics") as resp:
+                    assert "stickylb_backend_admin_state" in await resp.text()
+            assert balancer.pool.find("a").admin_state == "drain"
+            assert "backend a: state drain (by 127.0.0.1)" in caplog.text
+        finally:
+            await front.stop()
