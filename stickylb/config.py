@@ -407,6 +407,30 @@ class WebhookConfig(_Model):
         return value
 
 
+class TlsConfig(_Model):
+    """HTTPS on ``port`` (``tls.py``)."""
+
+    cert: str
+    key: str
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    key_password: SecretStr | None = None  # better: STICKYLB_TLS__KEY_PASSWORD
+    redirect_http_port: int | None = Field(default=None, ge=1, le=65535)
+
+    @field_validator("cert", "key")
+    @classmethod
+    def _a_file(cls, value: str) -> str:
+        if not Path(value).is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _loads(self) -> TlsConfig:
+        from .tls import server_context  # the certificate must load, or nothing starts
+
+        server_context(self)
+        return self
+
+
 class AccessLogConfig(_Model):
     """One line per request (``--access-log`` turns it on with these settings)."""
 
@@ -474,6 +498,7 @@ class Config(BaseSettings):
     email: EmailConfig | None = None
     webhooks: list[WebhookConfig] = Field(default_factory=list)
     access_log: AccessLogConfig = AccessLogConfig()
+    tls: TlsConfig | None = None
     request_id_header: str | None = "X-Request-Id"
     admin: AdminConfig = AdminConfig()
     state_file: str | None = None

@@ -274,6 +274,13 @@ class Control:
             for name, attr in RESTART_SETTINGS.items()
             if getattr(old, attr) != getattr(new, attr)
         ]
+        old_tls, new_tls = old.tls, new.tls
+        if (old_tls is None) != (new_tls is None) or (
+            old_tls is not None
+            and new_tls is not None
+            and old_tls.redirect_http_port != new_tls.redirect_http_port
+        ):
+            restart.append("tls")  # HTTPS turned on or off, or its redirect port; certs reload
         await balancer.apply(new)
         self._state_file = new.state_file
         added, removed, updated = [], [], []

@@ -27,13 +27,17 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any
+
+from aiohttp import web
 
 from .access_log import AccessLog
 from .app import Balancer
 from .config import Config
 from .control import ControlError
+from .tls import HANDSHAKE_TIMEOUT, redirect_app, server_context
 from .wire.client import Front, FrontLimits
 
 log = logging.getLogger("stickylb")
@@ -89,6 +93,7 @@ class Acceptor:
         self._loop = asyncio.get_running_loop()
         self._reading = False
         self._handshakes: set[asyncio.Task[None]] = set()
+        self.tls: ssl.SSLContext | None = None  # HTTPS: each new connection's handshake
 
     def start(self) -> None:
         if not self._reading and self._sock.fileno() >= 0:
@@ -122,8 +127,13 @@ class Acceptor:
 
     async def _connect(self, conn: socket.socket) -> None:
         try:
-            await self._loop.connect_accepted_socket(self._factory, conn)
-        except OSError:
+            if self.tls is None:
+                await self._loop.connect_accepted_socket(self._factory, conn)
+            else:
+                await self._loop.connect_accepted_socket(
+                    self._factory, conn, ssl=self.tls, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
+                )
+        except OSError:  # a client that left, or failed its TLS handshake (ssl.SSLError)
             conn.close()
 
 
@@ -147,6 +157,7 @@ class Server:
             self.balancer.pipeline.exchange,
             self.balancer.sweeper,
             front_limits(config),
+            scheme=b"https" if config.tls is not None else b"http",
             access_log=access_log_for(config, access_log),
             stats=self.balancer.stats,
         )
@@ -157,15 +168,22 @@ class Server:
         self._acceptors: list[Acceptor] = []
         self._resume: asyncio.TimerHandle | None = None
         self._stopping = False
+        self._redirect: web.AppRunner | None = None
 
     def _reconfigure(self, config: Config) -> None:
         """A reload: new limits and timeouts for the connections' next requests."""
         self.config = config
         self.front.configure(front_limits(config))
+        if config.tls is not None:  # new handshakes get the new certificate; open ones keep theirs
+            context = server_context(config.tls)
+            for acceptor in self._acceptors:
+                if acceptor.tls is not None:
+                    acceptor.tls = context
 
     @property
     def addresses(self) -> list[str]:
-        return [_address(sock.getsockname()) for sock in self._sockets]
+        scheme = "https" if self.config.tls is not None else "http"
+        return [_address(sock.getsockname(), scheme) for sock in self._sockets]
 
     async def start(self, sockets: list[socket.socket] | None = None) -> list[str]:
         """Start the balancer and listen (on ``sockets`` when given, as workers do)."""
@@ -195,9 +213,26 @@ class Server:
                 ) from None
         await self.balancer.start()
         self._acceptors = [Acceptor(sock, self.front, self) for sock in self._sockets]
+        context = server_context(config.tls) if config.tls is not None else None
         for acceptor in self._acceptors:
+            acceptor.tls = context
             acceptor.start()
+        if config.tls is not None and config.tls.redirect_http_port is not None:
+            await self._start_redirect(config.tls.redirect_http_port)
         return self.addresses
+
+    async def _start_redirect(self, port: int) -> None:
+        """``tls.redirectHttpPort``: plain HTTP there answers 308 to HTTPS."""
+        https_port = self._sockets[0].getsockname()[1]
+        runner = web.AppRunner(redirect_app(https_port), access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            # reuse_port: with --workers, every worker listens there too
+            await web.TCPSite(runner, self.config.host or None, port, reuse_port=True).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise StartupError(f"tls.redirectHttpPort {port}: {exc.strerror}") from None
+        self._redirect = runner
 
     def pause_accepting(self, why: str = "out of file descriptors") -> None:
         """Out of file descriptors: stop accepting for a moment (new connections wait in the
@@ -231,6 +266,9 @@ class Server:
             acceptor.pause()
         for sock in self._sockets:
             sock.close()
+        if self._redirect is not None:
+            await self._redirect.cleanup()
+            self._redirect = None
         front = self.front
         front.close_idle()
         self.balancer.events.close()  # event streams end now; nobody waits for a dashboard
@@ -350,8 +388,8 @@ async def reload(balancer: Balancer) -> None:
         await balancer.control.execute({"op": "reload"}, by="SIGHUP", local=False)
 
 
-def _address(sockname: Any) -> str:
+def _address(sockname: Any, scheme: str = "http") -> str:
     host, port = sockname[0], sockname[1]
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{port}"
+    return f"{scheme}://{host}:{port}"

@@ -8,6 +8,7 @@ import typing
 
 import aiohttp
 import pytest
+import trustme
 
 from stickylb.config import Config, _model_of, load_config
 
@@ -46,7 +47,13 @@ def test_readme_has_json_examples():
 def test_every_readme_config_example_loads(block, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # examples.checks:... resolve from the project folder
     path = tmp_path / "example.json"
-    path.write_text(block)
+    data = json.loads(block)
+    if "tls" in data:  # the example's certificate paths, made real for the test
+        cert = trustme.CA().issue_cert("localhost")
+        cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+        cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+        data["tls"].update(cert=str(tmp_path / "cert.pem"), key=str(tmp_path / "key.pem"))
+    path.write_text(json.dumps(data))
     load_config(path)
 
 
