@@ -177,7 +177,25 @@ class CookieConfig(_Model):
     secure: bool = False
     http_only: bool = True
     same_site: Literal["Lax", "Strict", "None"] = "Lax"
-    secret: SecretStr | None = None
+    # One secret, or a list: the first signs, every one is accepted (rotation without moving
+    # anyone: a token of an older secret is re-issued with the first).
+    secret: SecretStr | list[SecretStr] | None = None
+
+    @property
+    def secrets(self) -> list[str]:
+        if self.secret is None:
+            return []
+        listed = self.secret if isinstance(self.secret, list) else [self.secret]
+        return [secret.get_secret_value() for secret in listed]
+
+    @field_validator("secret")
+    @classmethod
+    def _some_secret(
+        cls, value: SecretStr | list[SecretStr] | None
+    ) -> SecretStr | list[SecretStr] | None:
+        if isinstance(value, list) and not value:
+            raise ValueError("list at least one secret (the first signs)")
+        return value
 
     @field_validator("name")
     @classmethod

@@ -254,7 +254,7 @@ class Pipeline:
             # Keep the client's session: wait for a slot on its own backend (maxConnections 0
             # means out of service, so those clients are re-balanced instead).
             if await self.admission.wait_until(lambda: pinned.available, pinned.key):
-                return Choice(pinned, repinned=False)
+                return Choice(pinned, repinned=token != pinned.token)
             return None
         choice = pool.choose(token)
         if choice is None and any(b.healthy for b in pool.backends):
@@ -431,10 +431,14 @@ class RequestCycle:
             result = NEW
         elif not choice.repinned:
             result = HIT
-        elif p.pool.pinned(token) is None:
-            result = INVALID  # forged, from another secret, or of a backend now gone
         else:
-            result = REPINNED  # its backend could not take it
+            pinned = p.pool.pinned(token)
+            if pinned is choice.backend:
+                result = HIT  # kept, with a token of an older secret re-issued
+            elif pinned is None:
+                result = INVALID  # forged, from an unknown secret, or of a backend now gone
+            else:
+                result = REPINNED  # its backend could not take it
         p.stats.affinity[result] += 1
         self._affinity = result
 

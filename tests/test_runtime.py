@@ -375,3 +375,34 @@ async def test_reload_applies_settings_and_keeps_api_changes(tmp_path):
             assert one["weight"] == 4
             status, one = await api(lb, "GET", "/backends/b", headers={})
             assert one["adminState"] == "drain"
+
+
+async def test_a_rotated_cookie_secret_moves_nobody_and_reissues_old_tokens(tmp_path):
+    async with backends("a", "b", "c") as (a, b, c):
+        path = tmp_path / "config.json"
+        data = {**config_for(a, b, c), "host": "127.0.0.1", "cookie": {"secret": "old-secret"}}
+        path.write_text(json.dumps(data))
+        config = stickylb.load_config(path)
+        lb_balancer = stickylb.Balancer(config, loader=lambda: stickylb.load_config(path))
+        async with balancer(config, balancer=lb_balancer) as lb:
+            browsers = [client_session() for _ in range(3)]
+            homes = [await who(browser, lb.url) for browser in browsers]
+            data["cookie"]["secret"] = ["new-secret", "old-secret"]
+            path.write_text(json.dumps(data))
+            assert (await api(lb, "POST", "/reload"))[0] == 200
+            for browser, home in zip(browsers, homes, strict=True):
+                async with browser.get(lb.url + "/") as resp:
+                    assert await resp.text() == home  # nobody moved
+                    assert "X-Backend-ID" in resp.cookies  # re-issued with the new secret
+                async with browser.get(lb.url + "/") as resp:
+                    assert await resp.text() == home
+                    assert "X-Backend-ID" not in resp.cookies  # the new token is current
+            data["cookie"]["secret"] = ["newest-secret"]  # the old one retired
+            path.write_text(json.dumps(data))
+            assert (await api(lb, "POST", "/reload"))[0] == 200
+            for browser in browsers:
+                async with browser.get(lb.url + "/") as resp:
+                    assert "X-Backend-ID" in resp.cookies  # unknown now: balanced again
+                await browser.close()
+            affinity = lb.balancer.stats.affinity
+            assert affinity[0] == 3 and affinity[1] >= 6 and affinity[3] == 3

@@ -3,7 +3,9 @@
 The cookie value is an opaque token derived from the backend's id, never its URL. Without a
 secret it is a plain hash of the id (stable across restarts and processes). With
 ``cookie.secret`` it is an HMAC, so a client cannot pick its own backend, and every stickylb
-process sharing the config and secret maps a token to the same backend.
+process sharing the config and secret maps a token to the same backend. ``cookie.secret`` may
+be a list: the first signs, the others are still read (as the same backend) and their tokens
+are re-issued with the first, so a secret is rotated without moving anyone.
 
 Reading is deliberately forgiving: a missing, malformed, unknown or forged value reads as "no
 token", never as an error.
@@ -42,7 +44,9 @@ class StickyCookie:
 
     def __init__(self, config: CookieConfig) -> None:
         self.name = config.name
-        self._secret = config.secret.get_secret_value() if config.secret else None
+        secrets = config.secrets
+        self._secret = secrets[0] if secrets else None
+        self._older = secrets[1:]  # still accepted; tokens signed with them are re-issued
         attributes = [f"Path={config.path}"]
         if config.domain:
             attributes.append(f"Domain={config.domain}")
@@ -58,6 +62,12 @@ class StickyCookie:
 
     def token_for(self, backend_id: int | str) -> str:
         return backend_token(backend_id, self._secret)
+
+    def tokens_for(self, backend_id: int | str) -> tuple[str, ...]:
+        """Every token that names ``backend_id``: the current one first, then those of older
+        secrets (read as the same backend, answered with the current one)."""
+        older = (backend_token(backend_id, secret) for secret in self._older)
+        return (self.token_for(backend_id), *older)
 
     def read(self, cookie_header: bytes | str | None) -> str | None:
         """The token in a ``Cookie`` header, or None. Never raises on garbage."""

@@ -50,7 +50,7 @@ class Backend:
     """One backend's config plus its runtime state."""
 
     config: BackendConfig
-    token: str
+    token: str  # the current cookie token; ``tokens`` adds those of older secrets
     health: HealthSettings
     url: URL
     tracker: HealthTracker
@@ -79,6 +79,7 @@ class Backend:
     ramp_since: float | None = None  # monotonic time its slow start began
     removing: bool = False
     elsewhere: int = 0  # active connections of the other workers (``--workers``)
+    tokens: tuple[str, ...] = ()
     stats: BackendStats = field(default_factory=BackendStats)
 
     @property
@@ -141,7 +142,7 @@ class Pool:
         self, backends: Iterable[Backend], strategy: Strategy, *, max_fails: int, fail_window: float
     ) -> None:
         self.backends = list(backends)
-        self._by_token = {backend.token: backend for backend in self.backends}
+        self._by_token = {t: b for b in self.backends for t in (b.token, *b.tokens)}
         self._strategy = strategy
         self.strategy_name = ""
         self._max_fails = max_fails
@@ -186,7 +187,8 @@ class Pool:
 
     def add(self, backend: Backend) -> None:
         self.backends.append(backend)
-        self._by_token[backend.token] = backend
+        for token in (backend.token, *backend.tokens):
+            self._by_token[token] = backend
         self._refresh()
         self._tell(StateChange(backend, backend.healthy, None, time.time(), admin="added"))
 
@@ -195,8 +197,9 @@ class Pool:
         in flight on it finish and release it as usual."""
         if backend in self.backends:
             self.backends.remove(backend)
-        if self._by_token.get(backend.token) is backend:
-            del self._by_token[backend.token]
+        for token in (backend.token, *backend.tokens):
+            if self._by_token.get(token) is backend:
+                del self._by_token[token]
         self._refresh()
         self._tell(StateChange(backend, backend.healthy, None, time.time(), admin="removed"))
 
@@ -216,8 +219,9 @@ class Pool:
     def retoken(self, cookie: StickyCookie) -> None:
         """The cookie secret changed: every backend's token with it."""
         for backend in self.backends:
-            backend.token = cookie.token_for(backend.id)
-        self._by_token = {backend.token: backend for backend in self.backends}
+            backend.token, *older = cookie.tokens_for(backend.id)
+            backend.tokens = tuple(older)
+        self._by_token = {t: b for b in self.backends for t in (b.token, *b.tokens)}
 
     def set_state(self, backend: Backend, state: str, reason: str, *, tell: bool = True) -> bool:
         """Set the admin state; False when it already was that. ``tell``: report it to the
@@ -285,7 +289,8 @@ class Pool:
         """The backend for a request carrying ``token`` (None when nothing can take it)."""
         pinned = self._by_token.get(token) if token else None
         if pinned is not None and pinned.available and pinned not in exclude:
-            return Choice(pinned, repinned=False)
+            # A token of an older secret keeps its backend and gets the current one.
+            return Choice(pinned, repinned=token != pinned.token)
         candidates: Sequence[Backend] = self._balanced
         if self._limited or exclude:
             candidates = [b for b in candidates if not b.full and b not in exclude]
@@ -398,6 +403,7 @@ def new_backend(
         id=config.id,
         weight=config.weight,
         token=cookie.token_for(config.id),
+        tokens=cookie.tokens_for(config.id)[1:],
         health=health,
         url=url,
         tracker=tracker,
