@@ -53,6 +53,14 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
     return context
 
 
+async def get(url: str, ca: trustme.CA) -> str:
+    """One GET over a new TLS connection that trusts ``ca`` only."""
+    connector = aiohttp.TCPConnector(ssl=client_context(ca))
+    async with aiohttp.ClientSession(connector=connector) as client:
+        async with client.get(url + "/") as resp:
+            return await resp.text()
+
+
 def start(tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None) -> Any:
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"host": "127.0.0.1", "port": 0, **config}))
@@ -121,10 +129,7 @@ async def test_sighup_reloads_the_certificate_without_dropping_connections(tmp_p
                 proc.wait_for("reloaded \\(by SIGHUP\\)")
                 async with old.get(proc.url + "/") as resp:  # the kept connection still works
                     assert await resp.text() == "a"
-            new = aiohttp.TCPConnector(ssl=client_context(second_ca))
-            async with aiohttp.ClientSession(connector=new) as client:
-                async with client.get(proc.url + "/") as resp:
-                    assert await resp.text() == "a"
+            assert await get(proc.url, second_ca) == "a"  # a new connection: the new one
         finally:
             assert await asyncio.to_thread(proc.stop) == 0
 
@@ -136,10 +141,7 @@ async def test_an_encrypted_key_takes_its_password_from_the_environment(tmp_path
         env = {"STICKYLB_TLS__KEY_PASSWORD": PASSWORD}
         proc = start(tmp_path, {"backends": backends_config(a), "tls": files}, env=env)
         try:
-            connector = aiohttp.TCPConnector(ssl=client_context(ca))
-            async with aiohttp.ClientSession(connector=connector) as client:
-                async with client.get(proc.url + "/") as resp:
-                    assert await resp.text() == "a"
+            assert await get(proc.url, ca) == "a"
         finally:
             assert await asyncio.to_thread(proc.stop) == 0
         check = run_cli(["--check", str(proc.config_path)], tmp_path, env=env)
