@@ -181,6 +181,18 @@ class CookieConfig(_Model):
     # anyone: a token of an older secret is re-issued with the first).
     secret: SecretStr | list[SecretStr] | None = None
 
+    # With either, the token carries signed times: when it was first issued, when last seen.
+    idle_timeout: Duration | None = None
+    absolute_timeout: Duration | None = None
+
+    @model_validator(mode="after")
+    def _times_need_a_secret(self) -> CookieConfig:
+        if (self.idle_timeout or self.absolute_timeout) and not self.secrets:
+            raise ValueError(
+                "idleTimeout and absoluteTimeout need cookie.secret (the times are signed)"
+            )
+        return self
+
     @property
     def secrets(self) -> list[str]:
         if self.secret is None:

@@ -32,6 +32,7 @@ import functools
 import itertools
 import logging
 import os
+import time
 from bisect import bisect_left
 from collections.abc import Callable
 from time import monotonic
@@ -199,6 +200,12 @@ class Pipeline:
         for backend in self.pool.backends:
             self.dress(backend)
 
+    def timed_pin(self, backend: Backend, issued: int) -> bytes:
+        """The Set-Cookie line of a timed token: made per answer (its times change)."""
+        now = int(time.time())
+        value = self.cookie.timed_token(backend.token, issued or now, now)
+        return b"Set-Cookie: %s\r\n" % self.cookie.set_cookie_header(value).encode()
+
     def dress(self, backend: Backend) -> None:
         """What ``backend`` adds to its answers: worked out once, not per request."""
         backend.pin = (
@@ -331,7 +338,9 @@ class RequestCycle:
         "_finished",
         "_fresh_retry",
         "_internal",
+        "_issued",
         "_p",
+        "_refresh",
         "_request",
         "_request_id",
         "_sent",
@@ -369,6 +378,8 @@ class RequestCycle:
         self._upstream_status = 0
         self._affinity = -1
         self._request_id = b""
+        self._refresh = False  # a timed cookie to send again with a new "last seen"
+        self._issued = 0  # when the client's timed cookie was first issued
 
     # --- 1. the request ----------------------------------------------------------------------
 
@@ -392,7 +403,12 @@ class RequestCycle:
             if not self._count_body(piece):
                 return
         if p.sticky and request.cookie is not None:
-            self._token = p.cookie.read(request.cookie)
+            if p.cookie.timed:  # signed times in the token: checked, maybe refreshed
+                resolved = p.cookie.resolve(request.cookie, time.time())
+                if resolved is not None:
+                    self._token, self._issued, self._refresh = resolved
+            else:
+                self._token = p.cookie.read(request.cookie)
         if p.request_id_name is not None:
             self._request_id = (
                 p.request_id(self._client.peer, request.headers)
@@ -710,8 +726,14 @@ class RequestCycle:
         if choice is None or self._internal is not None:
             return
         backend = choice.backend
-        if choice.repinned:
-            parts.append(backend.pin)
+        if choice.repinned or self._refresh:
+            p = self._p
+            if p.cookie.timed:
+                # The same session (kept or re-issued) keeps its first time; a move starts anew.
+                same = self._token is not None and p.pool.pinned(self._token) is backend
+                parts.append(p.timed_pin(backend, self._issued if same else 0))
+            else:
+                parts.append(backend.pin)
         parts.append(backend.id_line)
         if self._request_id:
             parts += (self._p.request_id_line, self._request_id, b"\r\n")
