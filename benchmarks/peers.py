@@ -187,13 +187,8 @@ def start_relay(ports: list[int], ws_port: int) -> Running:
     return http
 
 
-def start_haproxy(workdir: Path, ports: list[int], ws_port: int) -> Running:
-    port, wsp = free_port(), free_port()
-    servers = "\n".join(
-        f"  server b{i} 127.0.0.1:{p} cookie b{i} check inter 2s" for i, p in enumerate(ports)
-    )
-    conf = workdir / "haproxy.cfg"
-    conf.write_text(f"""global
+# One thread, generous limits, keep-alive both ways: what every HAProxy peer here shares.
+HAPROXY_HEAD = """global
   nbthread 1
   maxconn 9000
 defaults
@@ -203,7 +198,16 @@ defaults
   timeout server 60s
   timeout tunnel 1h
   option http-keep-alive
-frontend web
+"""
+
+
+def start_haproxy(workdir: Path, ports: list[int], ws_port: int) -> Running:
+    port, wsp = free_port(), free_port()
+    servers = "\n".join(
+        f"  server b{i} 127.0.0.1:{p} cookie b{i} check inter 2s" for i, p in enumerate(ports)
+    )
+    conf = workdir / "haproxy.cfg"
+    conf.write_text(f"""{HAPROXY_HEAD}frontend web
   bind 127.0.0.1:{port}
   default_backend app
 frontend ws

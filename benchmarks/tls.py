@@ -50,16 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (workdir / "stickylb.json").write_text(json.dumps(config))
     servers = "\n".join(f"  server b{i} 127.0.0.1:{p} check inter 2s" for i, p in enumerate(ports))
-    (workdir / "haproxy.cfg").write_text(f"""global
-  nbthread 1
-  maxconn 9000
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  option http-keep-alive
-frontend web
+    (workdir / "haproxy.cfg").write_text(f"""{peers.HAPROXY_HEAD}frontend web
   bind 127.0.0.1:{haproxy_port} ssl crt {both} alpn http/1.1
   default_backend app
 backend app

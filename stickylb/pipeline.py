@@ -728,7 +728,7 @@ class RequestCycle:
         backend = choice.backend
         if choice.repinned or self._refresh:
             p = self._p
-            if p.cookie.timed:
+            if p.cookie.timed and p.sticky:
                 # The same session (kept or re-issued) keeps its first time; a move starts anew.
                 same = self._token is not None and p.pool.pinned(self._token) is backend
                 parts.append(p.timed_pin(backend, self._issued if same else 0))

@@ -111,3 +111,12 @@ def test_times_need_a_secret(tmp_path):
         "stickylb: config error: cookie: idleTimeout and absoluteTimeout need cookie.secret"
         " (the times are signed)"
     )
+
+
+async def test_no_cookie_at_all_when_sticky_is_off():
+    async with backends("a", "b") as servers:
+        settings = {**config(*servers, idleTimeout="1m"), "sticky": False}
+        async with balancer(settings) as lb, aiohttp.ClientSession() as client:
+            for _ in range(3):
+                async with client.get(lb.url + "/") as resp:
+                    assert "Set-Cookie" not in resp.headers
