@@ -34,7 +34,7 @@ from .config import Config
 from .control import DEFAULT_REMOVE_TIMEOUT, ControlError
 from .core.headers import original_client, parse_networks, peer_in
 from .core.pool import Backend
-from .durations import parse_duration
+from .durations import iso, parse_duration
 from .events import sse
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .metrics import exposition, registry_for
@@ -49,13 +49,6 @@ DEFAULT_WAIT = 30.0
 KEEPALIVE_COMMENT = 15.0  # seconds of silence on an event stream before a comment line
 DASHBOARD = Path(__file__).with_name("dashboard.html")
 MAX_WAIT = 3600.0
-
-
-def iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    moment = datetime.fromtimestamp(timestamp, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def backend_status(backend: Backend, active: int | None = None) -> dict[str, Any]:
@@ -156,7 +149,6 @@ class AdminEndpoints:
         """Add the endpoints under ``prefix`` to ``app``; ``check_access`` when nothing in
         front checked it (embedding)."""
         read = self._guarded if check_access else _unguarded
-        write = self._writer(check_access)
         router = app.router
         router.add_get(f"{prefix}/health", read(self.health), allow_head=True)
         router.add_get(f"{prefix}/", read(self.dashboard), allow_head=True)
@@ -165,6 +157,7 @@ class AdminEndpoints:
         router.add_get(f"{prefix}/metrics", read(self.metrics), allow_head=True)
         router.add_get(f"{prefix}/backends", read(self.backends), allow_head=True)
         router.add_get(f"{prefix}/backends/{{id}}", read(self.backend), allow_head=True)
+        write = self._writing
         router.add_post(f"{prefix}/backends/{{id}}/state", write(self.set_state))
         router.add_post(f"{prefix}/backends/{{id}}/weight", write(self.set_weight))
         router.add_put(f"{prefix}/backends/{{id}}", write(self.put_backend))
@@ -203,27 +196,26 @@ class AdminEndpoints:
 
         return guarded
 
-    def _writer(self, check_read: bool) -> Callable[[Handler], Handler]:
-        def wrap(handler: Handler) -> Handler:
-            async def write(request: web.Request) -> web.StreamResponse:
-                access = self._balancer.access
-                if not access.writes_enabled:  # no token configured: writes do not exist
-                    return await self.not_found(request)
-                if not access.token_ok(request.headers.get(hdrs.AUTHORIZATION)):
-                    log.warning(
-                        "refused %s %s from %s: missing or wrong admin token",
-                        request.method,
-                        request.path,
-                        self.client(request),
-                    )
-                    return error(
-                        401, ["a valid admin token is required"], **{"WWW-Authenticate": "Bearer"}
-                    )
-                return await handler(request)
+    def _writing(self, handler: Handler) -> Handler:
+        """Writes need the bearer token, wherever the request comes from."""
 
-            return write
+        async def write(request: web.Request) -> web.StreamResponse:
+            access = self._balancer.access
+            if not access.writes_enabled:  # no token configured: writes do not exist
+                return await self.not_found(request)
+            if not access.token_ok(request.headers.get(hdrs.AUTHORIZATION)):
+                log.warning(
+                    "refused %s %s from %s: missing or wrong admin token",
+                    request.method,
+                    request.path,
+                    self.client(request),
+                )
+                return error(
+                    401, ["a valid admin token is required"], **{"WWW-Authenticate": "Bearer"}
+                )
+            return await handler(request)
 
-        return wrap
+        return write
 
     # --- reads ------------------------------------------------------------------------------
 

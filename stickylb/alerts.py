@@ -34,6 +34,7 @@ from yarl import URL
 from .config import Config, EmailConfig, WebhookConfig
 from .core.pool import Backend, Pool, StateChange
 from .core.stats import Stats
+from .durations import iso
 from .tasks import cancel
 
 log = logging.getLogger("stickylb.alerts")
@@ -54,18 +55,6 @@ def _when(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _iso(timestamp: float) -> str:
-    return (
-        datetime.fromtimestamp(timestamp, UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
-
-
-def event_name(change: StateChange) -> str:
-    return change.admin or ("up" if change.healthy else "down")
-
-
 def plural(count: int, word: str) -> str:
     return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
@@ -84,7 +73,7 @@ class Alert:
 
     @property
     def event(self) -> str:
-        return event_name(self.final)
+        return self.final.event
 
     @property
     def subject(self) -> str:
@@ -126,11 +115,11 @@ class Alert:
             "healthy": final.healthy,
             "adminState": backend.admin_state,
             "reason": final.reason,
-            "at": _iso(final.at),
+            "at": iso(final.at),
             "summary": self.subject.removeprefix("[stickylb] "),
             "balancer": origin,
             "changes": [
-                {"event": event_name(c), "reason": c.reason, "at": _iso(c.at)} for c in self.changes
+                {"event": c.event, "reason": c.reason, "at": iso(c.at)} for c in self.changes
             ],
         }
 
@@ -205,7 +194,7 @@ class Alerts:
         return people + [person for person in self._email.to if person not in people]
 
     def _wanted(self, backend: Backend, change: StateChange) -> bool:
-        event = event_name(change)
+        event = change.event
         return bool(self.recipients(backend)) or any(
             hook.events is None or event in hook.events for hook in self._webhooks
         )
@@ -253,7 +242,7 @@ class Alerts:
                 )
             )
         for hook in self._webhooks:
-            if hook.events is None or any(event_name(c) in hook.events for c in alert.changes):
+            if hook.events is None or any(c.event in hook.events for c in alert.changes):
                 where = _origin_of(hook.url.get_secret_value())
                 self._enqueue(
                     Outgoing(

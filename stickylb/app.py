@@ -34,7 +34,7 @@ from .pipeline import Internal, Pipeline, PipelineSettings
 from .protocol_log import PROTOCOL_LOGGER
 from .unavailable import UnavailableHandler, fixed_answer
 from .wire.backend import Connections, ConnectionSettings, socketpair_opener, tcp_opener
-from .wire.deadlines import Sweeper
+from .wire.deadlines import Sweeper, period_for
 
 
 class Balancer:
@@ -129,7 +129,7 @@ class Balancer:
             self.pool.retoken(self.cookie)
         self.pool.configure(config)
         self.admission.configure(config.max_connections, config.max_queue, config.queue_timeout)
-        self.sweeper.period = Sweeper(shortest_timeout(config)).period
+        self.sweeper.period = period_for(shortest_timeout(config))
         self.connection_settings = connection_settings(config)
         for backend in self.pool.backends:
             backend.connections.settings = self.connection_settings

@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             balancer = Balancer(current, send_alerts=index == 0, loader=load)
             main = serve(current, balancer, sockets=sockets)
             if channel is not None:
-                main = Member(balancer, channel, index).run(main)
+                main = Member(balancer, channel).run(main)
             runner.run(main)
 
     try:

@@ -23,7 +23,6 @@ from typing import Any
 from .config import ConfigError, load_config
 
 EXIT_FAILED = 1
-EXIT_USAGE = 2
 DEFAULT_CONFIG = "config.json"
 
 
@@ -114,8 +113,8 @@ def run(args: argparse.Namespace) -> str:
         return f"backend {args.id}: {answer.get('url')} (takes traffic once a check passes)"
     if command == "remove":
         answer = api.call("DELETE", f"{backend}?timeout={_q(args.timeout)}")
-        if args.wait:
-            api.call("GET", f"{backend}?wait=drained&timeout={_q(args.timeout)}")
+        if args.wait:  # already removed (404) is as good as drained
+            api.call("GET", f"{backend}?wait=drained&timeout={_q(args.timeout)}", gone_ok=True)
         return _dump(answer) if args.json else f"backend {args.id}: draining, then removed"
     if command == "reload":
         answer = api.call("POST", "/reload")
@@ -162,7 +161,9 @@ class Api:
         self._base = base
         self._token = token
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, *, gone_ok: bool = False
+    ) -> Any:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self._base + path, data=data, method=method)
         request.add_header("Accept", "application/json")
@@ -174,6 +175,8 @@ class Api:
             with urllib.request.urlopen(request, timeout=3700) as response:
                 return json.loads(response.read() or b"{}")
         except urllib.error.HTTPError as exc:
+            if gone_ok and exc.code == 404:
+                return None
             raise CtlError(_problem(exc)) from None
         except urllib.error.URLError as exc:
             raise CtlError(f"cannot reach {self._base}: {exc.reason}") from None

@@ -1,4 +1,5 @@
-"""Parsing of durations and byte sizes as they appear in config files.
+"""Parsing of durations and byte sizes as they appear in config files, and times as the JSON
+outputs show them.
 
 Durations given as bare numbers are milliseconds, as in smart-stick-loadbalancer; strings take a
 unit ("500ms", "10s", "2m", "1h"). Sizes are bytes, or strings with a unit ("64KiB", "16MB").
@@ -8,6 +9,7 @@ Both parsers return plain numbers (seconds, bytes) so nothing downstream deals w
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.IGNORECASE)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -81,3 +83,11 @@ def format_duration(seconds: float) -> str:
     if seconds >= 1 and float(seconds).is_integer():
         return f"{int(seconds)}s"
     return f"{format_ms(seconds)}ms"
+
+
+def iso(timestamp: float | None) -> str | None:
+    """Unix seconds as the JSON outputs show them: ``2026-11-21T12:00:00.000Z``."""
+    if timestamp is None:
+        return None
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -23,11 +23,11 @@ import contextlib
 import json
 import time
 from collections import deque
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from .core.pool import StateChange
 from .core.stats import AFFINITY_RESULTS, quantile
+from .durations import iso
 from .tasks import cancel
 
 if TYPE_CHECKING:
@@ -37,13 +37,6 @@ HISTORY_SECONDS = 300
 RECENT_EVENTS = 50
 SUBSCRIBER_QUEUE = 256
 LATENCY_WINDOW = 60  # seconds of history the percentiles look at
-
-
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    moment = datetime.fromtimestamp(timestamp, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Events:
@@ -67,9 +60,9 @@ class Events:
             {
                 "type": "state",
                 "backend": change.backend.id,
-                "event": change.admin or ("up" if change.healthy else "down"),
+                "event": change.event,
                 "reason": change.reason,
-                "at": _iso(change.at),
+                "at": iso(change.at),
             }
         )
 
@@ -160,7 +153,7 @@ class Events:
                     else 0.0,
                     "p50": _ms(quantile(recent, 0.5)),
                     "p95": _ms(quantile(recent, 0.95)),
-                    "lastChecked": _iso(backend.last_checked),
+                    "lastChecked": iso(backend.last_checked),
                     "lastCheckOk": backend.tracker.failures == 0 if backend.last_checked else None,
                     "lastFailureReason": backend.tracker.last_reason,
                     "requests": backend.requests,
@@ -171,7 +164,7 @@ class Events:
             self._windows.pop(gone, None)
         return {
             "type": "stats",
-            "at": _iso(time.time()),
+            "at": iso(time.time()),
             "strategy": balancer.config.strategy,
             "backends": backends,
             "affinity": dict(zip(AFFINITY_RESULTS, balancer.stats.affinity, strict=True)),

@@ -172,10 +172,9 @@ class Member:
     """A worker's end of its channel: passes on its own operations and counts, carries out
     the others'."""
 
-    def __init__(self, balancer: Balancer, end: socket.socket, index: int) -> None:
+    def __init__(self, balancer: Balancer, end: socket.socket) -> None:
         self._balancer = balancer
         self._end = end
-        self._index = index
         self._elsewhere: dict[str, int] = {}
         self._samples: dict[int, metrics.Samples] = {}  # the other workers', by index
         self._writer: asyncio.StreamWriter | None = None

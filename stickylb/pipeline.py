@@ -269,9 +269,9 @@ class Pipeline:
             choice = pool.choose(token)
         return choice
 
-    def request_id(self, peer: str | None, headers: list[Header]) -> bytes:
-        """The id of a request: a trusted proxy's (when sane), else a new one."""
-        if self.has_trusted and self.forwarding.trusts(peer):
+    def forwarded_request_id(self, peer: str | None, headers: list[Header]) -> bytes | None:
+        """A trusted proxy's id for the request (when sane), to keep instead of a new one."""
+        if self.forwarding.trusts(peer):
             wanted = self.request_id_lower
             for lname, _, value in headers:
                 if (
@@ -281,7 +281,7 @@ class Pipeline:
                     and b" " not in value
                 ):
                     return value
-        return _ID_PREFIX + b"%x" % next(_ids)
+        return None
 
     def close_tunnels(self) -> None:
         for tunnel in list(self.tunnels):
@@ -410,11 +410,12 @@ class RequestCycle:
             else:
                 self._token = p.cookie.read(request.cookie)
         if p.request_id_name is not None:
-            self._request_id = (
-                p.request_id(self._client.peer, request.headers)
+            kept = (
+                p.forwarded_request_id(self._client.peer, request.headers)
                 if p.has_trusted
-                else _ID_PREFIX + b"%x" % next(_ids)
+                else None
             )
+            self._request_id = kept or _ID_PREFIX + b"%x" % next(_ids)
         choice = p.admit(self._token)
         if choice is not None:
             self._admitted = True

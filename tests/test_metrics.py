@@ -4,7 +4,6 @@ parser; the whole process group with ``--workers 2``."""
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import aiohttp
@@ -187,4 +186,3 @@ def test_metric_names_are_in_the_readme():
     readme = (ROOT / "README.md").read_text()
     missing = [name for name in FAMILIES if f"`{name}" not in readme]
     assert not missing, missing
-    json.dumps(list(FAMILIES))

@@ -42,7 +42,6 @@ log = logging.getLogger("stickylb.health")
 READY, DRAIN, MAINT = "ready", "drain", "maint"
 ADMIN_STATES = (READY, DRAIN, MAINT)
 SLOW_START_FLOOR = 0.1  # a backend in slow start begins at this share of its weight
-SOURCES = ("config", "api", "registered")
 
 
 @dataclass(eq=False, slots=True)
@@ -122,6 +121,11 @@ class StateChange(NamedTuple):
     reason: str | None
     at: float  # unix time
     admin: str | None = None  # an admin state change (ready, drain, maint, removed), not health
+
+    @property
+    def event(self) -> str:
+        """What happened, in one word: down, up, or the admin change."""
+        return self.admin or ("up" if self.healthy else "down")
 
 
 Listener = Callable[[StateChange], None]
@@ -205,14 +209,9 @@ class Pool:
 
     def update(self, backend: Backend, config: BackendConfig, health: HealthSettings) -> None:
         """New settings for a backend that stays: a new URL serves new requests."""
-        url = URL(config.url)
-        authority = authority_of(url)
         backend.config = config
         backend.health = health
-        backend.url = url
-        backend.base = f"{url.scheme}://{authority}{url.raw_path.rstrip('/')}"
-        backend.host_header = _host_bytes(authority)
-        backend.prefix = url.raw_path.rstrip("/").encode()
+        _point(backend, URL(config.url))
         backend.tracker.rise, backend.tracker.fall = health.rise, health.fall
         self._reweigh(backend)
 
@@ -369,8 +368,7 @@ class Pool:
         self._tell(change)
 
     def _tell(self, change: StateChange) -> None:
-        to = change.admin or ("up" if change.healthy else "down")
-        change.backend.stats.changes[to] += 1
+        change.backend.stats.changes[change.event] += 1
         for listener in self._listeners:
             try:
                 listener(change)
@@ -393,11 +391,10 @@ def new_backend(
     """A backend as it starts: up until its first check says otherwise, except one added while
     running (``checked``), which takes traffic only after its first passing check."""
     url = URL(config.url)
-    authority = authority_of(url)
     tracker = HealthTracker(rise=health.rise, fall=health.fall)
     if checked:
         tracker.healthy = False
-    return Backend(
+    backend = Backend(
         config=config,
         key=config.id,
         id=config.id,
@@ -407,12 +404,16 @@ def new_backend(
         health=health,
         url=url,
         tracker=tracker,
-        base=f"{url.scheme}://{authority}{url.raw_path.rstrip('/')}",
-        host_header=_host_bytes(authority),
-        prefix=url.raw_path.rstrip("/").encode(),
         source=source,
     )
+    _point(backend, url)
+    return backend
 
 
-def _host_bytes(authority: str) -> bytes:
-    return authority.encode("idna" if not authority.isascii() else "ascii")
+def _point(backend: Backend, url: URL) -> None:
+    """Everything a request to ``backend`` needs of its address, worked out once."""
+    authority = authority_of(url)
+    backend.url = url
+    backend.base = f"{url.scheme}://{authority}{url.raw_path.rstrip('/')}"
+    backend.host_header = authority.encode("idna" if not authority.isascii() else "ascii")
+    backend.prefix = url.raw_path.rstrip("/").encode()

@@ -28,9 +28,14 @@ class Timed(Protocol):
     def expired(self, now: float) -> None: ...
 
 
+def period_for(shortest_timeout: float) -> float:
+    """A quarter of the shortest timeout, between ``MIN_PERIOD`` and ``MAX_PERIOD``."""
+    return min(MAX_PERIOD, max(MIN_PERIOD, shortest_timeout / 4))
+
+
 class Sweeper:
     def __init__(self, shortest_timeout: float) -> None:
-        self.period = min(MAX_PERIOD, max(MIN_PERIOD, shortest_timeout / 4))
+        self.period = period_for(shortest_timeout)
         self._watched: set[Timed] = set()
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
