@@ -213,6 +213,9 @@ class AdminEndpoints:
                 return error(
                     401, ["a valid admin token is required"], **{"WWW-Authenticate": "Bearer"}
                 )
+            store_ok = self._balancer.control.store_ok
+            if store_ok is not None and not store_ok():  # a change now would diverge
+                return error(503, ["cluster store unavailable"])
             return await handler(request)
 
         return write
@@ -232,6 +235,11 @@ class AdminEndpoints:
             "healthy": healthy,
             "unhealthy": unhealthy,
             "backends": [self.status(backend) for backend in balancer.pool.backends],
+            **(balancer.cluster.public() if balancer.cluster is not None else {}),
+            "affinity": {
+                **balancer.sources.public(balancer.stats.placed),
+                "results": balancer.stats.affinity_results(),
+            },
         }
         return web.json_response(payload, headers=NO_STORE)
 

@@ -178,6 +178,8 @@ class Alerts:
         self.sent = 0
         # Told of every alert sent or given up (the dashboard's event log).
         self.on_result: Callable[[str, str, str], None] = lambda channel, result, what: None
+        # In a cluster only the instance holding the lease alerts (``cluster.py``).
+        self.leading: Callable[[], bool] = lambda: True
         self._pool = pool
         pool.subscribe(self.on_change)
 
@@ -209,7 +211,7 @@ class Alerts:
                 down_for = change.at - since if since is not None else None
             else:
                 self._down_since.setdefault(key, change.at)
-        if not self._wanted(backend, change):
+        if not self._wanted(backend, change) or not self.leading():
             return
         now = time.monotonic()
         last = self._last_sent.get(key)

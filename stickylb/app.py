@@ -21,10 +21,12 @@ from aiohttp import web
 
 from .admin import AdminAccess, AdminEndpoints
 from .alerts import Alerts
+from .cluster import Cluster
 from .config import BackendConfig, Config, build_config
 from .control import Control
 from .core.admission import Admission
 from .core.affinity import StickyCookie
+from .core.affinity_sources import Sources
 from .core.headers import Forwarding, parse_networks
 from .core.pool import Backend, Pool
 from .core.stats import Stats
@@ -60,26 +62,31 @@ class Balancer:
         for backend in self.pool.backends:
             self._connect(backend)
         self.access = AdminAccess(config)
+        self.sources = Sources(config.affinity)
         self.stats = Stats()
         self.pipeline = Pipeline(
             pool=self.pool,
             cookie=self.cookie,
             admission=self.admission,
             sweeper=self.sweeper,
-            settings=pipeline_settings(config, self.access),
+            settings=pipeline_settings(config, self.access, self.sources),
             stats=self.stats,
         )
         self.checker = HealthChecker(config, self.pool)
         self.send_alerts = send_alerts
+        self.cluster: Cluster | None = None
         self.alerts = self._alerts(config)
         self.control = Control(self, loader)
         self.checker.on_agent = self.control.agent_says
+        if config.cluster is not None:
+            self.cluster = Cluster(self, config.cluster)
         self.events = Events(self)
         self.admin = AdminEndpoints(self)
         # Told of every new config after the balancer's own pieces took it (the server's
         # client-side limits and timeouts).
         self.reconfigured: list[Callable[[Config], None]] = []
         self._runners: list[web.AppRunner] = []
+        self.listening: list[str] = []  # where the server listens (its addresses), once it does
 
     @property
     def checking(self) -> bool:
@@ -97,10 +104,14 @@ class Balancer:
         if self.alerts is not None:
             await self.alerts.start()
         self.control.start()
+        if self.cluster is not None:
+            self.cluster.start()
         self.events.start()
         await self.checker.start()
 
     async def stop(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self.events.stop()
         await self.control.stop()
         await self.checker.stop()
@@ -137,7 +148,9 @@ class Balancer:
             if link is not None:
                 link.connections.settings = self.connection_settings
         self.access = AdminAccess(config)
-        self.pipeline.configure(self.cookie, pipeline_settings(config, self.access))
+        # What was learned of application sessions stays, whatever else changed.
+        self.sources = Sources(config.affinity, self.sources.learned)
+        self.pipeline.configure(self.cookie, pipeline_settings(config, self.access, self.sources))
         self.checker.configure(config)
         if (config.email, config.webhooks, config.port) != (old.email, old.webhooks, old.port):
             if self.alerts is not None:
@@ -155,7 +168,12 @@ class Balancer:
         alerts.on_result = lambda channel, result, what: self.events.publish(
             {"type": "alert", "channel": channel, "result": result, "what": what}
         )
+        alerts.leading = self._leading
         return alerts
+
+    def _leading(self) -> bool:
+        """Whether this balancer sends the alerts: always, except in a cluster (the lease's)."""
+        return self.cluster is None or self.cluster.leader
 
     # --- the set of backends (runtime control) ---------------------------------------------------
 
@@ -231,7 +249,7 @@ def connection_settings(config: Config) -> ConnectionSettings:
     )
 
 
-def pipeline_settings(config: Config, access: AdminAccess) -> PipelineSettings:
+def pipeline_settings(config: Config, access: AdminAccess, sources: Sources) -> PipelineSettings:
     return PipelineSettings(
         sticky=config.sticky,
         backend_header=config.backend_header,
@@ -248,6 +266,8 @@ def pipeline_settings(config: Config, access: AdminAccess) -> PipelineSettings:
         unavailable=fixed_answer(config.unavailable),
         keep_backend_connections=config.timeouts.backend_keep_alive > 0,
         request_id_header=config.request_id_header,
+        sources=sources if config.affinity.sources else None,
+        fail_closed=sources.fail_closed,
     )
 
 

@@ -133,9 +133,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "; ".join(exc.problems),
                 )
         with asyncio.Runner(loop_factory=factory) as runner:
-            balancer = Balancer(current, send_alerts=index == 0, loader=load)
+            # Workers share through the cluster store when there is one (each is an instance,
+            # and the lease picks who alerts), else through the supervisor (worker 0 alerts).
+            clustered = current.cluster is not None
+            balancer = Balancer(current, send_alerts=clustered or index == 0, loader=load)
             main = serve(current, balancer, sockets=sockets)
-            if channel is not None:
+            if channel is not None and not clustered:
                 main = Member(balancer, channel).run(main)
             runner.run(main)
 

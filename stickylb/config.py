@@ -72,6 +72,9 @@ DEFAULT_FALL = 3
 DEFAULT_MAX_FAILS = 3
 DEFAULT_FAIL_WINDOW = 10.0
 DEFAULT_AGENT_HEADER = "X-Stickylb-State"
+DEFAULT_LEARN_TTL = 30 * 60.0
+DEFAULT_LEASE_TIME = 10.0
+DEFAULT_LEARN_MAX_ENTRIES = 100_000
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_MAIL_COOLDOWN = 60.0
 DEFAULT_MAIL_TIMEOUT = 10.0
@@ -167,6 +170,13 @@ def _unavailable(value: object) -> object:
     return {"body": value} if isinstance(value, str) else value
 
 
+def _token_like(value: str, what: str) -> str:
+    """A header or cookie name: an HTTP token (no separators, no spaces)."""
+    if not value or any(c in value for c in ' ;,=\t\r\n"()<>@:\\/[]?{}'):
+        raise ValueError(f"{value!r} is not a valid {what}")
+    return value
+
+
 class CookieConfig(_Model):
     """The affinity cookie set on the first response to a client."""
 
@@ -212,8 +222,58 @@ class CookieConfig(_Model):
     @field_validator("name")
     @classmethod
     def _token_name(cls, value: str) -> str:
-        if not value or any(c in value for c in ' ;,=\t\r\n"()<>@:\\/[]?{}'):
-            raise ValueError(f"{value!r} is not a valid cookie name")
+        return _token_like(value, "cookie name")
+
+
+class AffinitySource(_Model):
+    """Where a client without a valid stickylb cookie belongs: exactly one of ``header``,
+    ``query``, ``ip`` or ``learnCookie`` (``core/affinity_sources.py``)."""
+
+    header: str | None = None
+    query: str | None = None
+    ip: bool | None = None
+    learn_cookie: str | None = None
+    ttl: Duration = DEFAULT_LEARN_TTL  # learnCookie: forgotten after this long unused
+    max_entries: int = Field(default=DEFAULT_LEARN_MAX_ENTRIES, ge=1, le=10_000_000)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> AffinitySource:
+        given = [kind for kind in SOURCE_KINDS if getattr(self, _SOURCE_FIELDS[kind]) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(SOURCE_KINDS)} (got {len(given)})")
+        if self.ip is False:
+            raise ValueError("ip: true is the only value (leave the source out instead)")
+        if self.kind != "learnCookie" and {"ttl", "max_entries"} & self.model_fields_set:
+            raise ValueError("ttl and maxEntries belong to a learnCookie source")
+        if self.header is not None:
+            _token_like(self.header, "header name")
+        if self.learn_cookie is not None:
+            _token_like(self.learn_cookie, "cookie name")
+        if self.query is not None and (not self.query or any(c in self.query for c in "&=#")):
+            raise ValueError(f"{self.query!r} is not a valid query parameter name")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in SOURCE_KINDS if getattr(self, _SOURCE_FIELDS[k]) is not None)
+
+
+SOURCE_KINDS = ("header", "query", "ip", "learnCookie")
+_SOURCE_FIELDS = {"header": "header", "query": "query", "ip": "ip", "learnCookie": "learn_cookie"}
+
+
+class AffinityConfig(_Model):
+    """What places a client that carries no valid stickylb cookie, and what happens when the
+    backend a client is held to cannot serve it."""
+
+    sources: list[AffinitySource] = Field(default_factory=list)
+    on_failure: Literal["rebalance", "fail"] = "rebalance"
+
+    @field_validator("sources")
+    @classmethod
+    def _one_learned_cookie(cls, value: list[AffinitySource]) -> list[AffinitySource]:
+        if sum(source.learn_cookie is not None for source in value) > 1:
+            raise ValueError("at most one learnCookie source")
         return value
 
 
@@ -469,6 +529,43 @@ class AccessLogConfig(_Model):
     path: str = "-"  # "-": standard output
 
 
+class ClusterConfig(_Model):
+    """Several stickylb sharing runtime state through Redis (``cluster.py``)."""
+
+    redis: SecretStr  # may carry a password: never printed (STICKYLB_CLUSTER__REDIS)
+    name: str = "stickylb"  # namespaces the keys, so several clusters can share one Redis
+    lease_time: Duration = DEFAULT_LEASE_TIME  # the alerting instance's lease
+
+    @field_validator("redis")
+    @classmethod
+    def _redis_url(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value()
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _key_safe(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value) or len(value) > 100:
+            raise ValueError("a non-empty name without spaces, at most 100 characters")
+        return value
+
+    @field_validator("lease_time")
+    @classmethod
+    def _long_enough(cls, value: float) -> float:
+        if value < 1:
+            raise ValueError("at least 1s (the lease is renewed every leaseTime / 5)")
+        return value
+
+    def where(self) -> str:
+        """The Redis address without credentials, for log lines."""
+        url = URL(self.redis.get_secret_value())
+        if url.scheme == "unix":
+            return f"unix://{url.path}"
+        return f"{url.scheme}://{url.host}:{url.port or 6379}{url.path}"
+
+
 class AdminConfig(_Model):
     """The balancer's own endpoints (``/_lb/health``)."""
 
@@ -512,6 +609,7 @@ class Config(BaseSettings):
     strategy: str = DEFAULT_STRATEGY
     sticky: bool = True
     cookie: CookieConfig = CookieConfig()
+    affinity: AffinityConfig = AffinityConfig()
     backend_header: bool = True
     preserve_host: bool = False
     trusted_proxies: list[str] = Field(default_factory=list)
@@ -532,6 +630,7 @@ class Config(BaseSettings):
     request_id_header: str | None = "X-Request-Id"
     admin: AdminConfig = AdminConfig()
     state_file: str | None = None
+    cluster: ClusterConfig | None = None
     backends: list[BackendConfig] = Field(min_length=1)
 
     _networks = field_validator("trusted_proxies")(_check_networks)
@@ -565,6 +664,12 @@ class Config(BaseSettings):
                     f"backends.{index}.id: duplicate id {backend.id!r} (also backends.{seen[key]})"
                 )
             seen[key] = index
+        for source in self.affinity.sources:
+            if source.learn_cookie == self.cookie.name:
+                raise ValueError(
+                    f"affinity.sources: learnCookie {source.learn_cookie!r} is stickylb's own "
+                    "cookie (cookie.name); name the application's session cookie"
+                )
         if sum(backend.weight for backend in self.backends) <= 0:
             raise ValueError("backends: the weights add up to 0; at least one must be positive")
         return self

@@ -52,7 +52,7 @@ DEFAULT_REMOVE_TIMEOUT = 30.0
 TICK = 0.25  # seconds between looks at slow starts, expiries and removals
 SERVICE_RESTART = 1012
 # Settings read only when the process starts; a reload names them when they changed.
-RESTART_SETTINGS = {"port": "port", "host": "host", "accessLog": "access_log"}
+RESTART_SETTINGS = {"port": "port", "host": "host", "accessLog": "access_log", "cluster": "cluster"}
 
 
 class ControlError(Exception):
@@ -93,6 +93,10 @@ class Control:
         # and their metrics samples (``metrics.Samples``).
         self.elsewhere: Callable[[], Mapping[str, int]] | None = None
         self.elsewhere_samples: Callable[[], Any] | None = None
+        # Set by ``cluster``: whether the shared store can take a change now (writes are
+        # refused otherwise), and whether this instance expires registered backends.
+        self.store_ok: Callable[[], bool] | None = None
+        self.leads: Callable[[], bool] | None = None
 
     @property
     def pool(self) -> Pool:
@@ -368,8 +372,11 @@ class Control:
             counts = self.elsewhere()
             for backend in self.pool.backends:
                 backend.elsewhere = counts.get(str(backend.id), 0)
+            if self._balancer.admission.queued:
+                self._balancer.admission.wake()  # a backend full fleet-wide may have room now
         wall = time.time()
-        for backend in list(self.pool.backends):
+        leads = self.leads is None or self.leads()  # in a cluster, one instance expires
+        for backend in list(self.pool.backends) if leads else ():
             expires = backend.expires_at
             if expires is not None and wall >= expires and backend not in self._removals:
                 log.warning(
@@ -378,6 +385,8 @@ class Control:
                     backend.ttl or 0,
                 )
                 self.remove(backend, DEFAULT_REMOVE_TIMEOUT, why="its TTL ran out")
+                if self.publish is not None:
+                    self.publish({"op": "delete", "id": backend.id, "by": "its TTL"})
         for removal in list(self._removals.values()):
             if self.active(removal.backend) == 0 or now >= removal.deadline:
                 self._finish_removal(removal.backend)
@@ -442,27 +451,47 @@ class Control:
         restored = 0
         for key, entry in entries.items():
             try:
-                restored += self._restore_one(key, entry)
+                restored += self._restore_one(key, entry, by="the stateFile", tell=False)
             except (ControlError, KeyError, TypeError, ValueError) as exc:
                 log.warning("stateFile: backend %s not restored: %s", key, exc)
         if restored:
             log.info("restored the state of %d backend(s) from %s", restored, path)
 
-    def _restore_one(self, key: str, entry: dict[str, Any]) -> int:
+    def adopt(self, entries: Mapping[str, dict[str, Any]], *, by: str) -> None:
+        """Make this balancer's runtime changes the ones ``entries`` (snapshot entries: the
+        cluster store's) hold: what they name is set, what they do not is undone."""
+        for key, entry in entries.items():
+            try:
+                self._restore_one(key, entry, by=by, tell=True)
+            except (ControlError, KeyError, TypeError, ValueError) as exc:
+                log.warning("%s: backend %s not adopted: %s", by, key, exc)
+        for backend in list(self.pool.backends):
+            if str(backend.id) in entries or backend in self._removals:
+                continue
+            if backend.source != "config":
+                self.remove(backend, DEFAULT_REMOVE_TIMEOUT, why=f"gone from {by}")
+            else:
+                self._restore_one(str(backend.id), {}, by=by, tell=True)
+        self.save()
+
+    def _restore_one(self, key: str, entry: dict[str, Any], *, by: str, tell: bool) -> int:
+        """Set one backend as a snapshot entry says (added if it was an API backend); what the
+        entry leaves out is the default: ``ready``, the config's weight."""
         if entry.get("source") in ("api", "registered"):
             ttl = entry.get("ttl")
             expires = entry.get("expiresAt")
             if ttl is not None and expires is not None and expires <= time.time():
                 return 0
-            self._put(backend_id(key), entry["backend"], ttl, by="the stateFile")
+            self._put(backend_id(key), entry["backend"], ttl, by=by)
             if expires is not None:
                 self._find(key).expires_at = float(expires)
         backend = self.pool.find(key)
         if backend is None:
             return 0
-        if "weight" in entry:
-            self.pool.set_weight(backend, float(entry["weight"]))
+        weight = entry.get("weight")
+        if (None if weight is None else float(weight)) != backend.weight_override:
+            self.pool.set_weight(backend, None if weight is None else float(weight))
         state = entry.get("adminState", READY)
-        if state in ADMIN_STATES and state != READY:
-            self.pool.set_state(backend, state, "restored from the stateFile", tell=False)
+        if state in ADMIN_STATES:
+            self.pool.set_state(backend, state, f"set from {by}", tell=tell)
         return 1

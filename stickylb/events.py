@@ -25,8 +25,9 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from .core.affinity_sources import placed_counts
 from .core.pool import StateChange
-from .core.stats import AFFINITY_RESULTS, quantile
+from .core.stats import quantile
 from .durations import iso
 from .tasks import cancel
 
@@ -167,7 +168,9 @@ class Events:
             "at": iso(time.time()),
             "strategy": balancer.config.strategy,
             "backends": backends,
-            "affinity": dict(zip(AFFINITY_RESULTS, balancer.stats.affinity, strict=True)),
+            "affinity": balancer.stats.affinity_results(),
+            "placed": placed_counts(balancer.stats.placed),
+            **(balancer.cluster.public() if balancer.cluster is not None else {}),
             "queue": balancer.admission.queued,
         }
 

@@ -26,6 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from .core.affinity_sources import placed_counts
 from .core.pool import ADMIN_STATES
 from .core.stats import AFFINITY_RESULTS, STATUS_CLASSES, Histogram, cumulative
 
@@ -103,6 +104,36 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...], bool]] = {
         ("result",),
         True,
     ),
+    "stickylb_affinity_placed": (
+        "counter",
+        "New clients (no usable cookie) by what placed them: an affinity source or the strategy",
+        ("source",),
+        True,
+    ),
+    "stickylb_affinity_learned_sessions": (
+        "gauge",
+        "Application sessions learned by a learnCookie source",
+        (),
+        True,
+    ),
+    "stickylb_cluster_connected": (
+        "gauge",
+        "1 while the cluster store (Redis) answers; only with cluster",
+        (),
+        False,
+    ),
+    "stickylb_cluster_instances": (
+        "gauge",
+        "Instances of the cluster seen alive, this one included; only with cluster",
+        (),
+        False,
+    ),
+    "stickylb_cluster_leader": (
+        "gauge",
+        "1 on the instance that holds the alerting lease; only with cluster",
+        (),
+        False,
+    ),
     "stickylb_responses": ("counter", "The balancer's own answers, by status", ("code",), True),
     "stickylb_queue_length": ("gauge", "Requests waiting in the queue", (), True),
     "stickylb_queue_wait_seconds": ("histogram", "Time spent in the queue", (), True),
@@ -150,6 +181,15 @@ def samples(balancer: Balancer) -> Samples:
     stats = balancer.stats
     for result, count in zip(AFFINITY_RESULTS, stats.affinity, strict=True):
         out["stickylb_affinity"][(result,)] = count
+    for source, count in placed_counts(stats.placed).items():
+        out["stickylb_affinity_placed"][(source,)] = count
+    learned = balancer.sources.learned
+    out["stickylb_affinity_learned_sessions"][()] = len(learned) if learned is not None else 0
+    cluster = balancer.cluster
+    if cluster is not None:
+        out["stickylb_cluster_connected"][()] = int(cluster.connected)
+        out["stickylb_cluster_instances"][()] = 1 + len(cluster.others)
+        out["stickylb_cluster_leader"][()] = int(cluster.leader)
     for status, count in stats.own_answers.items():
         out["stickylb_responses"][(str(status),)] = count
     out["stickylb_queue_length"][()] = balancer.admission.queued

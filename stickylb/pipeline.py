@@ -41,6 +41,7 @@ from typing import NamedTuple, Protocol
 from .access_log import Details
 from .core.admission import Admission
 from .core.affinity import StickyCookie
+from .core.affinity_sources import STRATEGY, Sought, Sources
 from .core.errors import (
     BadRequest,
     ClientError,
@@ -138,6 +139,8 @@ class PipelineSettings(NamedTuple):
     unavailable: Answer
     keep_backend_connections: bool
     request_id_header: str | None = "X-Request-Id"
+    sources: Sources | None = None  # affinity.sources, when any are listed
+    fail_closed: bool = False  # affinity.onFailure "fail"
 
 
 class Pipeline:
@@ -197,6 +200,9 @@ class Pipeline:
             lambda connection: not_forwarded(connection, not_returned)
         )
         self.has_trusted = settings.forwarding.any_trusted
+        self.sources = settings.sources
+        self.learns = settings.sources is not None and settings.sources.learned is not None
+        self.fail_closed = settings.fail_closed
         for backend in self.pool.backends:
             self.dress(backend)
 
@@ -217,19 +223,19 @@ class Pipeline:
             b"x-backend-id: %s\r\n" % str(backend.id).encode() if self.backend_header else b""
         )
 
-    def admit(self, token: str | None) -> Choice | None:
+    def admit(self, token: str | None, sought: Sought | None) -> Choice | None:
         """A global slot and a backend now, when nobody has to wait for one (the usual case).
         None holds nothing; ask ``admit_slowly`` then."""
         if not self.admission.try_enter():
             return None
         pool = self.pool
-        pinned = pool.pinned(token)
-        choice = None if pinned is not None and pinned.full else pool.choose(token)
+        held = _held(pool, token, sought)
+        choice = None if held is not None and held.full else pool.choose(token, sought=sought)
         if choice is None:
             self.admission.leave()
         return choice
 
-    async def admit_slowly(self, token: str | None) -> Choice | None:
+    async def admit_slowly(self, token: str | None, sought: Sought | None) -> Choice | None:
         """A global slot and a backend, waiting in the queue while they are taken. None (holding
         nothing) means the unavailable answer."""
         admission = self.admission
@@ -238,7 +244,7 @@ class Pipeline:
             if not await admission.enter():
                 return None
             try:
-                choice = await self._choose(token)
+                choice = await self._choose(token, sought)
             except BaseException:
                 admission.leave()
                 raise
@@ -248,9 +254,9 @@ class Pipeline:
             admission.leave()
         return choice
 
-    async def _choose(self, token: str | None) -> Choice | None:
+    async def _choose(self, token: str | None, sought: Sought | None) -> Choice | None:
         pool = self.pool
-        pinned = pool.pinned(token)
+        pinned = _held(pool, token, sought)
         if (
             pinned is not None
             and pinned.healthy
@@ -261,12 +267,12 @@ class Pipeline:
             # Keep the client's session: wait for a slot on its own backend (maxConnections 0
             # means out of service, so those clients are re-balanced instead).
             if await self.admission.wait_until(lambda: pinned.available, pinned.key):
-                return Choice(pinned, repinned=token != pinned.token)
+                return Choice(pinned, repinned=token != pinned.token, held=True)
             return None
-        choice = pool.choose(token)
+        choice = pool.choose(token, sought=sought)
         if choice is None and any(b.healthy for b in pool.backends):
-            await self.admission.wait_until(lambda: pool.can_choose(token), "any")
-            choice = pool.choose(token)
+            await self.admission.wait_until(lambda: pool.can_choose(token, sought), "any")
+            choice = pool.choose(token, sought=sought)
         return choice
 
     def forwarded_request_id(self, peer: str | None, headers: list[Header]) -> bytes | None:
@@ -344,6 +350,7 @@ class RequestCycle:
         "_request",
         "_request_id",
         "_sent",
+        "_sought",
         "_started",
         "_target",
         "_task",
@@ -358,6 +365,7 @@ class RequestCycle:
         self._request = request
         self._target = b""
         self._token: str | None = None
+        self._sought: Sought | None = None  # an affinity source's word (no usable cookie)
         self._choice: Choice | None = None
         self._backend: Backend | None = None
         self._internal: Internal | None = None
@@ -416,7 +424,9 @@ class RequestCycle:
                 else None
             )
             self._request_id = kept or _ID_PREFIX + b"%x" % next(_ids)
-        choice = p.admit(self._token)
+        if (p.sources is not None or p.fail_closed) and not self._seek():
+            return
+        choice = p.admit(self._token, self._sought)
         if choice is not None:
             self._admitted = True
             self._count_affinity(choice)
@@ -424,8 +434,37 @@ class RequestCycle:
         else:
             self._task = asyncio.get_running_loop().create_task(self._admit_slowly())
 
+    def _seek(self) -> bool:
+        """Affinity beyond our cookie: what the sources say of a client whose cookie names no
+        backend that can take it. Under ``onFailure: fail`` a client whose own backend is down
+        gets the unavailable answer (False) instead of a move."""
+        p = self._p
+        request = self._request
+        pinned = p.pool.pinned(self._token)
+        if p.sources is not None and (pinned is None or not pinned.available):
+            self._sought = p.sources.seek(
+                p.pool,
+                request.headers,
+                self._target,
+                request.cookie,
+                self._client.peer,
+                p.forwarding.trusted,
+            )
+        if p.fail_closed:
+            held = pinned or (self._sought.held if self._sought is not None else None)
+            if held is not None and not held.healthy:
+                log.info(
+                    "%s %s: backend %s is down and affinity.onFailure is fail: unavailable",
+                    self._method(),
+                    self._path(),
+                    held.id,
+                )
+                self._serve_unavailable()
+                return False
+        return True
+
     async def _admit_slowly(self) -> None:
-        choice = await self._p.admit_slowly(self._token)
+        choice = await self._p.admit_slowly(self._token, self._sought)
         self._task = None
         if self._finished:  # the client left while we waited
             if choice is not None:
@@ -441,6 +480,12 @@ class RequestCycle:
     def _count_affinity(self, choice: Choice) -> None:
         """Why the client is where it is: the answer to "why did my session move?"."""
         p = self._p
+        if choice.repinned:
+            sought = self._sought
+            p.stats.placed[sought.source if sought is not None else STRATEGY] += 1
+            if sought is not None and sought.learned is not None and not choice.held:
+                assert p.sources is not None
+                p.sources.moved(sought, choice.backend)
         if not p.sticky:
             return
         token = self._token
@@ -641,6 +686,9 @@ class RequestCycle:
         backend = self._backend
         if backend is not None:
             backend.stats.answers[status // 100 - 1] += 1
+            if self._p.learns:
+                assert self._p.sources is not None
+                self._p.sources.learn(headers, backend, self._request.cookie)
         self._client.send_head(status, reason, parts, framing, length)
 
     def response_body(self, piece: bytes) -> None:
@@ -830,7 +878,10 @@ class RequestCycle:
             return None
         if error.request_sent and self._request.method not in IDEMPOTENT_METHODS:
             return None
-        choice = self._p.pool.choose(None, exclude=self._tried)
+        choice = self._choice
+        if self._p.fail_closed and choice is not None and choice.held:
+            return None  # affinity.onFailure "fail": the client's own backend, or nothing
+        choice = self._p.pool.choose(None, exclude=self._tried, sought=self._sought)
         return None if choice is None else Choice(choice.backend, repinned=True)
 
     def client_failed(self, error: ClientError) -> None:
@@ -955,6 +1006,14 @@ class RequestCycle:
             return self._internal.name
         backend = backend or self._backend or (self._choice.backend if self._choice else None)
         return f"backend {backend.id}" if backend is not None else "no backend"
+
+
+def _held(pool: Pool, token: str | None, sought: Sought | None) -> Backend | None:
+    """The backend a client belongs to: its cookie's, else a learned session's."""
+    pinned = pool.pinned(token)
+    if pinned is None and sought is not None:
+        return sought.held
+    return pinned
 
 
 def _trailer_lines(trailers: list[Header] | None) -> list[bytes] | None:

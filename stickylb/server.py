@@ -211,6 +211,7 @@ class Server:
                 raise StartupError(
                     f"accessLog.path: cannot open {config.access_log.path}: {exc.strerror}"
                 ) from None
+        self.balancer.listening = self.addresses
         await self.balancer.start()
         self._acceptors = [Acceptor(sock, self.front, self) for sock in self._sockets]
         context = server_context(config.tls) if config.tls is not None else None

@@ -25,6 +25,8 @@ if CHROMIUM is None and os.environ.get("REQUIRE_BROWSER") != "1":
 
 from playwright.async_api import Browser, Page, async_playwright, expect  # noqa: E402
 
+from .redis_server import REDIS_SERVER, RedisServer  # noqa: E402
+
 TOKEN = "dashboard-token"
 
 
@@ -174,3 +176,37 @@ async def test_the_demo_page_follows_a_failover(browser, tmp_path):
     finally:
         proc.signal()
         assert await asyncio.to_thread(proc.proc.wait, 20) == 0
+
+
+async def test_the_dashboard_shows_the_cluster_instances(browser, tmp_path):
+    if REDIS_SERVER is None:
+        if os.environ.get("REQUIRE_REDIS") == "1":
+            raise AssertionError("REQUIRE_REDIS=1 but redis-server is not installed")
+        pytest.skip("redis-server is not installed")
+    store = RedisServer(tmp_path)
+    store.start()
+    try:
+        async with backends("a", "b") as (a, b):
+            config = {
+                "backends": backends_config(a, b),
+                "health": {**FAST_HEALTH, "interval": "300ms"},
+                "cluster": {"redis": store.url, "name": "dashboard"},
+            }
+            one = spawn_balancer(config, tmp_path)
+            two = spawn_balancer(config, tmp_path)
+            try:
+                page = await open_page(browser, one.url + "/_lb/")
+                await expect(page.locator("#instances tr")).to_have_count(2, timeout=5000)
+                await expect(page.locator("#store")).to_contain_text("store connected")
+                await expect(page.locator("#instances")).to_contain_text("(this one)")
+                sees_down = page.locator("#instances td:nth-child(5)")
+                await expect(sees_down).to_have_text(["none", "none"])
+                b.knobs.health_status = 503  # both instances see it down
+                await expect(sees_down).to_have_text(["b", "b"], timeout=5000)
+                await page.screenshot(path=str(tmp_path / "dashboard-cluster.png"), full_page=True)
+                assert page.errors == []  # type: ignore[attr-defined]
+            finally:
+                assert await asyncio.to_thread(one.stop) == 0
+                assert await asyncio.to_thread(two.stop) == 0
+    finally:
+        store.stop()

@@ -23,6 +23,7 @@ class B:
     key: str
     weight: float = 1.0
     active: int = 0
+    elsewhere: int = 0  # other workers' or instances' connections
 
 
 def test_smooth_round_robin_interleaves_like_nginx():
@@ -53,6 +54,8 @@ def test_least_connections_prefers_fewest_relative_to_weight():
     assert lc.pick([a, b]).key == "a"  # 1.5 per weight against 2.0
     b.active = 1
     assert lc.pick([a, b]).key == "b"
+    b.elsewhere = 3  # connections through other workers or instances count too
+    assert lc.pick([a, b]).key == "a"
 
 
 def test_least_connections_breaks_ties_in_rotation():
@@ -92,7 +95,7 @@ def test_pool_pins_rebalances_and_never_picks_weight_zero_for_new_clients():
     pool = make_pool()
     a, b, z = pool.backends
     assert {pool.choose(None).backend.id for _ in range(20)} == {"a", "b"}
-    assert pool.choose(z.token) == (z, False)  # weight 0 keeps its pinned clients
+    assert pool.choose(z.token) == (z, False, True)  # weight 0 keeps its pinned clients
     assert pool.choose("garbage").repinned
     pool.record_check(a, False, "down")
     assert all(pool.choose(a.token).backend is b for _ in range(5))

@@ -108,6 +108,10 @@ class Forwarding:
     def any_trusted(self) -> bool:
         return bool(self._trusted)
 
+    @property
+    def trusted(self) -> tuple[Network, ...]:
+        return self._trusted
+
     def trusts(self, peer: str | None) -> bool:
         """Whether ``peer`` is one of our trusted proxies."""
         return bool(self._trusted) and peer_in(peer, self._trusted)

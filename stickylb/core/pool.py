@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from yarl import URL
 
@@ -34,7 +34,7 @@ from ..config import BackendConfig, Config, HealthSettings
 from .affinity import StickyCookie
 from .health_rules import HealthTracker
 from .stats import BackendStats
-from .strategies import STRATEGIES, Strategy
+from .strategies import STRATEGIES, Strategy, rendezvous
 
 log = logging.getLogger("stickylb.health")
 
@@ -77,8 +77,9 @@ class Backend:
     expires_at: float | None = None  # unix time
     ramp_since: float | None = None  # monotonic time its slow start began
     removing: bool = False
-    elsewhere: int = 0  # active connections of the other workers (``--workers``)
+    elsewhere: int = 0  # active connections of the other workers or cluster instances
     tokens: tuple[str, ...] = ()
+    hash_id: bytes = b""  # what rendezvous hashing knows it by (``core/affinity_sources.py``)
     stats: BackendStats = field(default_factory=BackendStats)
 
     @property
@@ -88,7 +89,7 @@ class Backend:
     @property
     def full(self) -> bool:
         limit = self.config.max_connections
-        return limit is not None and self.active >= limit
+        return limit is not None and self.active + self.elsewhere >= limit
 
     @property
     def available(self) -> bool:
@@ -113,6 +114,17 @@ def authority_of(url: URL) -> str:
 class Choice(NamedTuple):
     backend: Backend
     repinned: bool  # the client must be (re)told which backend it is on
+    held: bool = False  # the client's own backend (its cookie's, a learned session's)
+
+
+class Seeking(Protocol):
+    """What an affinity source found for a client without a usable cookie
+    (``core/affinity_sources.Sought``)."""
+
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def held(self) -> Backend | None: ...
 
 
 class StateChange(NamedTuple):
@@ -147,6 +159,7 @@ class Pool:
     ) -> None:
         self.backends = list(backends)
         self._by_token = {t: b for b in self.backends for t in (b.token, *b.tokens)}
+        self._by_id = {str(b.id): b for b in self.backends}
         self._strategy = strategy
         self.strategy_name = ""
         self._max_fails = max_fails
@@ -183,14 +196,11 @@ class Pool:
 
     def find(self, backend_id: object) -> Backend | None:
         """The backend whose id reads as ``backend_id`` (ids 1 and "1" are the same)."""
-        wanted = str(backend_id)
-        for backend in self.backends:
-            if str(backend.id) == wanted:
-                return backend
-        return None
+        return self._by_id.get(str(backend_id))
 
     def add(self, backend: Backend) -> None:
         self.backends.append(backend)
+        self._by_id[str(backend.id)] = backend
         for token in (backend.token, *backend.tokens):
             self._by_token[token] = backend
         self._refresh()
@@ -201,6 +211,8 @@ class Pool:
         in flight on it finish and release it as usual."""
         if backend in self.backends:
             self.backends.remove(backend)
+        if self._by_id.get(str(backend.id)) is backend:
+            del self._by_id[str(backend.id)]
         for token in (backend.token, *backend.tokens):
             if self._by_token.get(token) is backend:
                 del self._by_token[token]
@@ -284,24 +296,37 @@ class Pool:
     def pinned(self, token: str | None) -> Backend | None:
         return self._by_token.get(token) if token else None
 
-    def choose(self, token: str | None, exclude: tuple[Backend, ...] = ()) -> Choice | None:
-        """The backend for a request carrying ``token`` (None when nothing can take it)."""
+    def choose(
+        self, token: str | None, exclude: tuple[Backend, ...] = (), sought: Seeking | None = None
+    ) -> Choice | None:
+        """The backend for a request carrying ``token`` (None when nothing can take it), or
+        when that names none that can, what an affinity source ``sought`` for it."""
         pinned = self._by_token.get(token) if token else None
         if pinned is not None and pinned.available and pinned not in exclude:
             # A token of an older secret keeps its backend and gets the current one.
-            return Choice(pinned, repinned=token != pinned.token)
+            return Choice(pinned, repinned=token != pinned.token, held=True)
+        if sought is not None:
+            held = sought.held
+            if held is not None and held.available and held not in exclude:
+                return Choice(held, repinned=True, held=True)
         candidates: Sequence[Backend] = self._balanced
         if self._limited or exclude:
             candidates = [b for b in candidates if not b.full and b not in exclude]
         if not candidates:
             return None
+        if sought is not None and sought.key is not None:
+            return Choice(rendezvous(sought.key, candidates), repinned=True)
         return Choice(self._strategy.pick(candidates), repinned=True)
 
-    def can_choose(self, token: str | None) -> bool:
-        """Whether ``choose(token)`` would find a backend, without choosing one: asking moves
-        no strategy's state (a round-robin turn, a tie-break), so a queue may ask freely."""
+    def can_choose(self, token: str | None, sought: Seeking | None = None) -> bool:
+        """Whether ``choose(token, sought=sought)`` would find a backend, without choosing one:
+        asking moves no strategy's state (a round-robin turn, a tie-break), so a queue may ask
+        freely."""
         pinned = self._by_token.get(token) if token else None
         if pinned is not None and pinned.available:
+            return True
+        held = sought.held if sought is not None else None
+        if held is not None and held.available:
             return True
         if self._limited:
             return any(not b.full for b in self._balanced)
@@ -405,6 +430,7 @@ def new_backend(
         url=url,
         tracker=tracker,
         source=source,
+        hash_id=f"{config.id}\0".encode(),
     )
     _point(backend, url)
     return backend

@@ -95,6 +95,11 @@ class Stats:
     """What happened in the balancer as a whole since start."""
 
     affinity: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # AFFINITY_RESULTS
+    placed: Counter[str] = field(default_factory=Counter)  # new clients, by what placed them
     own_answers: Counter[int] = field(default_factory=Counter)  # our own answers, by status
     queue_wait: Histogram = field(default_factory=Histogram)
     alerts: Counter[tuple[str, str]] = field(default_factory=Counter)  # (channel, result)
+
+    def affinity_results(self) -> dict[str, int]:
+        """The affinity counters by name (``AFFINITY_RESULTS``)."""
+        return dict(zip(AFFINITY_RESULTS, self.affinity, strict=True))

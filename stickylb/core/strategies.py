@@ -11,6 +11,8 @@ clients already pinned to it).
 
 from __future__ import annotations
 
+import hashlib
+import math
 import random
 from collections.abc import Hashable, Sequence
 from typing import Protocol, TypeVar
@@ -27,6 +29,9 @@ class Weighted(Protocol):
 
     @property
     def active(self) -> int: ...
+
+    @property
+    def elsewhere(self) -> int: ...
 
 
 B = TypeVar("B", bound=Weighted)
@@ -66,14 +71,18 @@ class SmoothWeightedRoundRobin:
 
 
 class LeastConnections:
-    """Fewest active connections relative to weight; ties are broken in rotation."""
+    """Fewest active connections relative to weight; ties are broken in rotation. The count
+    is this process's plus the last reported of the other workers or cluster instances."""
 
     def __init__(self) -> None:
         self._turn = 0
 
     def pick(self, candidates: Sequence[B]) -> B:
-        best_load = min(backend.active / backend.weight for backend in candidates)
-        tied = [backend for backend in candidates if backend.active / backend.weight == best_load]
+        loads = [(backend.active + backend.elsewhere) / backend.weight for backend in candidates]
+        best_load = min(loads)
+        tied = [
+            backend for backend, load in zip(candidates, loads, strict=True) if load == best_load
+        ]
         self._turn += 1
         return tied[self._turn % len(tied)]
 
@@ -86,6 +95,36 @@ class WeightedRandom:
 
     def pick(self, candidates: Sequence[B]) -> B:
         return self._rng.choices(candidates, weights=[b.weight for b in candidates])[0]
+
+
+class Hashed(Protocol):
+    """What rendezvous hashing needs to know of a backend."""
+
+    @property
+    def hash_id(self) -> bytes: ...
+
+    @property
+    def weight(self) -> float: ...
+
+
+H = TypeVar("H", bound=Hashed)
+_TWO_64 = float(2**64)
+
+
+def score(key: bytes, backend: Hashed) -> float:
+    """The key's weighted rendezvous score on ``backend`` (highest wins): ``-w / ln(u)``, with
+    ``u`` uniform in (0, 1) from a hash of the backend's id and the key. Deterministic: every
+    process computes the same, so balancers sharing a config agree with nothing shared."""
+    digest = hashlib.blake2b(backend.hash_id + key, digest_size=8).digest()
+    u = (int.from_bytes(digest, "big") + 0.5) / _TWO_64
+    return -backend.weight / math.log(u)
+
+
+def rendezvous(key: bytes, candidates: Sequence[H]) -> H:
+    """The key's first choice among ``candidates`` (non-empty), by weighted rendezvous
+    (highest random weight) hashing: adding or removing a backend moves only the keys whose
+    first choice it is."""
+    return max(candidates, key=lambda backend: score(key, backend))
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
