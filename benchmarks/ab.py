@@ -15,12 +15,15 @@ bounded in time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,9 @@ def start_variant(
     )
 
 
+Variant = tuple[str, Path, dict[str, Any]]  # name, checkout, config merged in
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", help="git revision to compare HEAD with")
@@ -60,18 +66,49 @@ def main(argv: list[str] | None = None) -> int:
     extra = json.loads(args.config)
     workdir = Path(tempfile.mkdtemp(prefix="stickylb-ab-"))
     head_extra = json.loads(args.head_config)
-    variants: list[tuple[str, Path, dict[str, Any]]] = [("head", peers.ROOT, head_extra)]
+    variants: list[Variant] = [("head", peers.ROOT, head_extra)]
     worktree = None
     if args.base:
-        worktree = workdir / "base"
-        subprocess.run(
-            ["git", "-C", str(peers.ROOT), "worktree", "add", "--detach", str(worktree), args.base],
-            check=True,
-            capture_output=True,
-        )
+        worktree = add_worktree(workdir / "base", args.base)
         variants.append((f"base-{args.base[:12]}", worktree, extra))
     else:
         variants.append(("head+config" if extra else "head-again", peers.ROOT, extra))
+    try:
+        results = measure(variants, workdir, args.duration, args.repeats)
+    finally:
+        if worktree is not None:
+            remove_worktree(worktree)
+    print_table(variants, results)
+    return 0
+
+
+def add_worktree(path: Path, revision: str) -> Path:
+    subprocess.run(
+        ["git", "-C", str(peers.ROOT), "worktree", "add", "--detach", str(path), revision],
+        check=True,
+        capture_output=True,
+    )
+    return path
+
+
+def remove_worktree(path: Path) -> None:
+    subprocess.run(
+        ["git", "-C", str(peers.ROOT), "worktree", "remove", "--force", str(path)],
+        capture_output=True,
+    )
+
+
+def measure(
+    variants: list[Variant],
+    workdir: Path,
+    duration: float,
+    repeats: int,
+    *,
+    while_loaded: dict[str, Callable[[peers.Running], AbstractContextManager[object]]]
+    | None = None,
+) -> dict[str, dict[str, list[float]]]:
+    """Alternate the loads over ``variants`` ``repeats`` times; per variant, per metric, one
+    value per repeat. ``while_loaded[name]`` runs alongside that variant's loads (a scraper)."""
     http, ws, ports = peers.start_backends(
         workdir, use_nginx=peers.shutil.which("nginx") is not None
     )
@@ -81,27 +118,31 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, list[float]]] = {
         name: {"get": [], "post": [], "cpu": []} for name, *_ in variants
     }
+    alongside = while_loaded or {}
     try:
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             for (name, *_), peer in zip(variants, running, strict=True):
                 url = f"http://127.0.0.1:{peer.port}/tiny"
-                cpu = load.cpu_seconds(peer.http_pid)
-                get = load.http_load(url, args.duration, 64).requests_per_s
-                cpu = load.cpu_seconds(peer.http_pid) - cpu
+                with alongside.get(name, _nothing)(peer):
+                    cpu = load.cpu_seconds(peer.http_pid)
+                    get = load.http_load(url, duration, 64).requests_per_s
+                    cpu = load.cpu_seconds(peer.http_pid) - cpu
+                    post = load.http_load(url, duration, 64, body=load.JSON_BODY).requests_per_s
                 results[name]["get"].append(get)
                 # The proxy's own CPU per request: steadier than requests/s on a busy machine.
-                results[name]["cpu"].append(cpu / (get * args.duration) * 1e6)
-                results[name]["post"].append(
-                    load.http_load(url, args.duration, 64, body=load.JSON_BODY).requests_per_s
-                )
+                results[name]["cpu"].append(cpu / (get * duration) * 1e6)
+                results[name]["post"].append(post)
     finally:
         for peer in (*running, http, ws):
             peer.stop()
-        if worktree is not None:
-            subprocess.run(
-                ["git", "-C", str(peers.ROOT), "worktree", "remove", "--force", str(worktree)],
-                capture_output=True,
-            )
+    return results
+
+
+def _nothing(peer: peers.Running) -> AbstractContextManager[object]:
+    return contextlib.nullcontext()
+
+
+def print_table(variants: list[Variant], results: dict[str, dict[str, list[float]]]) -> None:
     first = variants[0][0]
     print("| variant | GET requests/s | POST requests/s | proxy CPU us per GET |")
     print("|---|---|---|---|")
@@ -118,7 +159,6 @@ def main(argv: list[str] | None = None) -> int:
             spread = f"{ratios[0]:.3f}-{ratios[-1]:.3f}"
             cells.append(f"{value:,.0f} (x{statistics.median(ratios):.3f}, {spread})")
         print(f"| {name} | {' | '.join(cells)} |")
-    return 0
 
 
 if __name__ == "__main__":

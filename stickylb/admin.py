@@ -237,7 +237,7 @@ class AdminEndpoints:
             "backends": [self.status(backend) for backend in balancer.pool.backends],
             **(balancer.cluster.public() if balancer.cluster is not None else {}),
             "affinity": {
-                **balancer.sources.public(balancer.stats.placed),
+                **balancer.sources.public(balancer.stats),
                 "results": balancer.stats.affinity_results(),
             },
         }

@@ -140,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             main = serve(current, balancer, sockets=sockets)
             if channel is not None and not clustered:
                 main = Member(balancer, channel).run(main)
+            elif channel is not None:
+                channel.close()  # the supervisor stops writing to a channel nobody reads
             runner.run(main)
 
     try:

@@ -107,7 +107,8 @@ class Cluster:
         control.publish = self._publish
         control.elsewhere = self._elsewhere
         control.store_ok = lambda: self.connected
-        control.leads = lambda: self.leader
+        # Expiry needs the store (the removal must reach it); alerts go on without it.
+        control.leads = lambda: self.leader and self.connected
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -301,11 +302,18 @@ class Cluster:
         mine = self._balancer.control.snapshot()["backends"]
         if held:
             entries: dict[str, dict[str, Any]] = {}
+            expired = []
             for key, raw in held.items():
                 try:
-                    entries[str(key)] = json.loads(raw)
+                    entry = json.loads(raw)
                 except ValueError:
                     continue
+                if entry.get("expiresAt") is not None and entry["expiresAt"] <= time.time():
+                    expired.append(key)  # registered, and its heartbeats stopped while no
+                    continue  # instance was there to expire it
+                entries[str(key)] = entry
+            if expired:
+                await self._redis.hdel(self._backends_key, *expired)
             self._balancer.control.adopt(entries, by="the cluster store")
         elif mine:
             await self._redis.hset(

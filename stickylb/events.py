@@ -25,7 +25,6 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from .core.affinity_sources import placed_counts
 from .core.pool import StateChange
 from .core.stats import quantile
 from .durations import iso
@@ -169,7 +168,7 @@ class Events:
             "strategy": balancer.config.strategy,
             "backends": backends,
             "affinity": balancer.stats.affinity_results(),
-            "placed": placed_counts(balancer.stats.placed),
+            "placed": balancer.stats.placed_by(),
             **(balancer.cluster.public() if balancer.cluster is not None else {}),
             "queue": balancer.admission.queued,
         }

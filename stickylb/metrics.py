@@ -26,7 +26,6 @@ from prometheus_client.core import (
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from .core.affinity_sources import placed_counts
 from .core.pool import ADMIN_STATES
 from .core.stats import AFFINITY_RESULTS, STATUS_CLASSES, Histogram, cumulative
 
@@ -181,7 +180,7 @@ def samples(balancer: Balancer) -> Samples:
     stats = balancer.stats
     for result, count in zip(AFFINITY_RESULTS, stats.affinity, strict=True):
         out["stickylb_affinity"][(result,)] = count
-    for source, count in placed_counts(stats.placed).items():
+    for source, count in stats.placed_by().items():
         out["stickylb_affinity_placed"][(source,)] = count
     learned = balancer.sources.learned
     out["stickylb_affinity_learned_sessions"][()] = len(learned) if learned is not None else 0

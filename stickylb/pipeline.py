@@ -41,7 +41,7 @@ from typing import NamedTuple, Protocol
 from .access_log import Details
 from .core.admission import Admission
 from .core.affinity import StickyCookie
-from .core.affinity_sources import STRATEGY, Sought, Sources
+from .core.affinity_sources import Sought, Sources
 from .core.errors import (
     BadRequest,
     ClientError,
@@ -453,7 +453,7 @@ class RequestCycle:
         if p.fail_closed:
             held = pinned or (self._sought.held if self._sought is not None else None)
             if held is not None and not held.healthy:
-                log.info(
+                log.debug(  # per request, and said once already by the health checker
                     "%s %s: backend %s is down and affinity.onFailure is fail: unavailable",
                     self._method(),
                     self._path(),
@@ -480,15 +480,13 @@ class RequestCycle:
     def _count_affinity(self, choice: Choice) -> None:
         """Why the client is where it is: the answer to "why did my session move?"."""
         p = self._p
-        if choice.repinned:
-            sought = self._sought
-            p.stats.placed[sought.source if sought is not None else STRATEGY] += 1
-            if sought is not None and sought.learned is not None and not choice.held:
+        sought = self._sought
+        if sought is not None and choice.repinned:  # a source placed it (else the strategy)
+            p.stats.placed[sought.source] += 1
+            if sought.learned is not None and not choice.held:
                 assert p.sources is not None
                 p.sources.moved(sought, choice.backend)
-        if not p.sticky:
-            return
-        token = self._token
+        token = self._token if p.sticky else None
         if token is None:
             result = NEW
         elif not choice.repinned:

@@ -4,6 +4,7 @@ balancers, real backends and real clients (one of them python-socketio without c
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import random
@@ -379,11 +380,16 @@ async def test_on_failure_fail_does_not_retry_a_clients_request_elsewhere():
                 assert resp.status == 502  # its own backend failed; no move to the other
 
 
-# --- a Socket.IO client that keeps no cookies ----------------------------------------------------
+# --- a Socket.IO client that keeps no cookies --------------------------------------------
+
+# python-engineio's WebSocket client needs aiohttp 3.11 (ClientWSTimeout); on the lowest aiohttp
+# stickylb allows, the client stays on long-polling (several requests per session all the same).
+WEBSOCKET = hasattr(aiohttp, "ClientWSTimeout")
 
 
 async def socketio_backend(name: str):
-    server = socketio.AsyncServer(async_mode="aiohttp")
+    # Short pings: a long-poll pending at disconnect ends within seconds, not half a minute.
+    server = socketio.AsyncServer(async_mode="aiohttp", ping_interval=1, ping_timeout=1)
     app = web.Application()
     server.attach(app)
 
@@ -394,25 +400,41 @@ async def socketio_backend(name: str):
     return await start_app(app, handle_signals=False)
 
 
-async def test_a_socketio_client_without_cookies_is_kept_on_its_backend_by_a_header():
+@pytest.mark.parametrize(
+    ("source", "transports"),
+    [
+        # The query string is on every request the client makes: long-polling alone works.
+        ({"query": "session"}, ["polling", "websocket"] if WEBSOCKET else ["polling"]),
+        # Custom headers go only with the handshake and the WebSocket upgrade (not with later
+        # long-polling requests): the header source needs the client to upgrade.
+        pytest.param(
+            {"header": "X-Session-Id"},
+            ["polling", "websocket"],
+            marks=pytest.mark.skipif(not WEBSOCKET, reason="python-engineio needs aiohttp 3.11"),
+        ),
+    ],
+    ids=["query", "header"],
+)
+async def test_a_socketio_client_without_cookies_stays_on_one_backend(source, transports):
     servers = [await socketio_backend(name) for name in ("a", "b", "c")]
     try:
         cfg = {
             "port": 0,
             "backends": [{"id": i, "url": s.url} for i, s in enumerate(servers)],
             "health": {"interval": "60s", "path": "/socket.io/?EIO=4&transport=polling"},
-            "affinity": {"sources": [{"header": "X-Session-Id"}]},
+            "affinity": {"sources": [source]},
         }
         async with balancer(cfg) as lb:
-            for user in range(3):
+
+            async def one_user(user: int) -> set[str]:
                 async with cookieless() as session:
                     client = socketio.AsyncClient(http_session=session, reconnection=False)
                     # Long-polling first: several HTTP requests that must reach one backend
-                    # (the handshake's sid exists only there); then the upgrade to WebSocket.
+                    # (the handshake's sid exists only there); then, maybe, the upgrade.
                     await client.connect(
-                        lb.url,
+                        f"{lb.url}/?session=socket-user-{user}",
                         headers={"X-Session-Id": f"socket-user-{user}"},
-                        transports=["polling", "websocket"],
+                        transports=transports,
                         wait_timeout=5,
                     )
                     try:
@@ -422,7 +444,12 @@ async def test_a_socketio_client_without_cookies_is_kept_on_its_backend_by_a_hea
                     finally:
                         await client.disconnect()
                     assert [a["echo"] for a in answers] == [{"n": n} for n in range(5)]
-                    assert len({a["backend"] for a in answers}) == 1
+                    return {a["backend"] for a in answers}
+
+            for seen in await asyncio.gather(*(one_user(user) for user in range(4))):
+                assert len(seen) == 1
+            placed = (await lb_status(lb.url))["affinity"]["placed"]
+            assert placed[next(iter(source))] > 0 and placed["strategy"] == 0
     finally:
         for server in servers:
             await server.stop()

@@ -4,6 +4,7 @@ assertions."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -38,3 +39,15 @@ def test_benchmark_smoke_mode_runs_and_writes_results(tmp_path):
     ):
         assert ours[metric] > 0, metric
     assert "| tiny: requests/s |" in result.stdout
+
+
+def test_the_metrics_benchmark_still_finds_every_per_request_counter(tmp_path):
+    # benchmarks.metrics strips these statements to measure what metrics cost; a change to
+    # pipeline.py that moves them must move this list too, or the benchmark measures nothing.
+    from benchmarks.metrics import EXPECTED, strip_counters
+
+    (tmp_path / "stickylb").mkdir()
+    shutil.copy(ROOT / "stickylb" / "pipeline.py", tmp_path / "stickylb" / "pipeline.py")
+    assert strip_counters(tmp_path) == EXPECTED
+    stripped = (tmp_path / "stickylb" / "pipeline.py").read_text()
+    assert "stats.response_bytes +=" not in stripped and "durations.total +=" not in stripped

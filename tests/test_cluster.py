@@ -11,7 +11,8 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -278,65 +279,69 @@ def alerting(store: RedisServer, servers, mail: MailServer, hook_url: str) -> di
     )
 
 
-async def test_an_outage_seen_by_every_instance_sends_one_mail_and_one_webhook(store, tmp_path):
+@asynccontextmanager
+async def alerting_fleet(store: RedisServer, tmp_path: Path) -> AsyncIterator[tuple[Any, ...]]:
+    """Two instances alerting by mail (a real SMTP server) and webhook (a real receiver) about
+    backends x and y: yields (instances, x, mail server, receiver)."""
     receiver = Receiver()
     hooks = await start_app(receiver.app(), handle_signals=False)
     try:
         with MailServer(tmp_path) as mail:
             async with backends("x", "y") as (x, y):
                 config = alerting(store, [x, y], mail, hooks.url + "/hook")
-                a, b = start(config, tmp_path), start(config, tmp_path)
+                procs = [start(config, tmp_path), start(config, tmp_path)]
                 try:
-                    await leader_of(a, b)
-                    x.knobs.health_status = 503
-
-                    async def both_see_it() -> bool:
-                        states = [(await backend_of(p.url, "x"))["state"] for p in (a, b)]
-                        return states == ["down", "down"]
-
-                    await eventually(both_see_it)
-                    await asyncio.to_thread(mail.inbox.wait_for, 1)
-                    await asyncio.sleep(1.5)  # time for a second one, if there were one
-                    assert len(mail.inbox.messages) == 1
-                    assert mail.inbox.messages[0]["Subject"] == "[stickylb] Backend x is down"
-                    assert [p["body"]["event"] for p in receiver.posts] == ["down"]
+                    yield procs, x, mail, receiver
                 finally:
-                    assert a.stop() == 0 and b.stop() == 0
+                    for proc in procs:
+                        if proc.proc.poll() is None:  # not one the test killed
+                            assert proc.stop() == 0
     finally:
         await hooks.stop()
+
+
+async def test_an_outage_seen_by_every_instance_sends_one_mail_and_one_webhook(store, tmp_path):
+    async with alerting_fleet(store, tmp_path) as ((a, b), x, mail, receiver):
+        await leader_of(a, b)
+        x.knobs.health_status = 503
+
+        async def both_see_it() -> bool:
+            states = [(await backend_of(p.url, "x"))["state"] for p in (a, b)]
+            return states == ["down", "down"]
+
+        await eventually(both_see_it)
+        await asyncio.to_thread(mail.inbox.wait_for, 1)
+        await asyncio.sleep(1.5)  # time for a second one, if there were one
+        assert len(mail.inbox.messages) == 1
+        assert mail.inbox.messages[0]["Subject"] == "[stickylb] Backend x is down"
+        assert [p["body"]["event"] for p in receiver.posts] == ["down"]
 
 
 async def test_when_the_alerting_instance_dies_another_takes_over(store, tmp_path):
-    receiver = Receiver()
-    hooks = await start_app(receiver.app(), handle_signals=False)
-    try:
-        with MailServer(tmp_path) as mail:
-            async with backends("x", "y") as (x, y):
-                config = alerting(store, [x, y], mail, hooks.url + "/hook")
-                a, b = start(config, tmp_path), start(config, tmp_path)
-                try:
-                    first = await leader_of(a, b)
-                    other = b if first is a else a
-                    first.proc.kill()  # no goodbye: the lease must run out
-                    first.proc.wait(10)
+    async with alerting_fleet(store, tmp_path) as ((a, b), x, mail, receiver):
+        first = await leader_of(a, b)
+        other = b if first is a else a
+        first.proc.kill()  # no goodbye: the lease must run out
+        first.proc.wait(10)
 
-                    async def other_leads() -> bool:
-                        return bool((await lb_status(other.url))["cluster"]["leader"])
+        async def other_leads() -> bool:
+            return bool((await lb_status(other.url))["cluster"]["leader"])
 
-                    assert await eventually(other_leads, limit=5.0) < 5.0
-                    x.knobs.health_status = 503
-                    messages = await asyncio.to_thread(mail.inbox.wait_for, 1)
-                    assert messages[0]["Subject"] == "[stickylb] Backend x is down"
+        assert await eventually(other_leads, limit=5.0) < 5.0
+        x.knobs.health_status = 503
+        messages = await asyncio.to_thread(mail.inbox.wait_for, 1)
+        assert messages[0]["Subject"] == "[stickylb] Backend x is down"
+        await eventually(lambda: _receiver_got(receiver, "down"))
 
-                    async def the_dead_one_is_gone() -> bool:  # its report expires
-                        instances = (await lb_status(other.url))["instances"]
-                        return [i["pid"] for i in instances] == [other.proc.pid]
+        async def the_dead_one_is_gone() -> bool:  # its report expires
+            instances = (await lb_status(other.url))["instances"]
+            return [i["pid"] for i in instances] == [other.proc.pid]
 
-                    await eventually(the_dead_one_is_gone, limit=5.0)
-                finally:
-                    assert other.stop() == 0
-    finally:
-        await hooks.stop()
+        await eventually(the_dead_one_is_gone, limit=5.0)
+
+
+async def _receiver_got(receiver: Receiver, event: str) -> bool:
+    return [p["body"]["event"] for p in receiver.posts] == [event]
 
 
 # --- the store is never on the hot path ----------------------------------------------------

@@ -30,17 +30,16 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
 from typing import NamedTuple
 from urllib.parse import unquote_to_bytes
 
 from ..config import AffinityConfig, AffinitySource
 from .headers import Header, Network, original_client
 from .pool import MAINT, Backend, Pool
+from .stats import PLACED_BY, Stats
 from .strategies import rendezvous
 
-STRATEGY = "strategy"  # counted when no source placed a new client: the strategy did
-PLACED_BY = ("header", "query", "ip", "learnCookie", STRATEGY)
+LEARNED = PLACED_BY.index("learnCookie")
 _MAX_KEY = 1024  # bytes of a header or query value that are hashed; the rest is ignored
 MAX_UNSHARED = 10_000  # learned sessions waiting to be passed to the cluster; more are not
 
@@ -48,7 +47,7 @@ MAX_UNSHARED = 10_000  # learned sessions waiting to be passed to the cluster; m
 class Sought(NamedTuple):
     """What the first source that yielded something says about a request."""
 
-    source: str  # one of PLACED_BY
+    source: int  # which kind of source: its index in ``core.stats.PLACED_BY``
     key: bytes | None  # hashed sources: where rendezvous hashing starts
     held: Backend | None  # the backend the client belongs to (a learned session's), if any
     learned: bytes | None = None  # the digest of a learned session cookie (to re-point it)
@@ -113,11 +112,11 @@ class Sources:
         self.config = config
         self.kinds = [source.kind for source in config.sources]
         self.fail_closed = config.on_failure == "fail"
-        self._sources: list[tuple[str, bytes]] = []
+        self._sources: list[tuple[str, bytes, int]] = []
         self.learned: LearnedSessions | None = None
         self.learn_prefix = b""
         for source in config.sources:
-            self._sources.append((source.kind, _name_of(source)))
+            self._sources.append((source.kind, _name_of(source), PLACED_BY.index(source.kind)))
             if source.learn_cookie is not None:
                 self.learned = learned or LearnedSessions(source.ttl, source.max_entries)
                 self.learned.ttl, self.learned.max_entries = source.ttl, source.max_entries
@@ -133,7 +132,7 @@ class Sources:
         trusted: tuple[Network, ...],
     ) -> Sought | None:
         """The first source's word on a request, or None when none yields anything."""
-        for kind, name in self._sources:
+        for kind, name, index in self._sources:
             if kind == "learnCookie":
                 sought = self._learned(pool, cookie)
                 if sought is not None:
@@ -150,7 +149,7 @@ class Sources:
             if key:
                 key = key[:_MAX_KEY]
                 held = _first_choice(pool, key) if self.fail_closed else None
-                return Sought(kind, key, held)
+                return Sought(index, key, held)
         return None
 
     def _learned(self, pool: Pool, cookie: bytes | None) -> Sought | None:
@@ -164,7 +163,7 @@ class Sources:
         backend = pool.find(backend_id) if backend_id is not None else None
         if backend is None:
             return None
-        return Sought("learnCookie", None, backend, digest)
+        return Sought(LEARNED, None, backend, digest)
 
     def learn(self, headers: list[Header], backend: Backend, cookie: bytes | None) -> None:
         """A backend's answer to a request carrying ``cookie``: remember the session cookie it
@@ -191,20 +190,16 @@ class Sources:
         if sought.learned is not None and self.learned is not None:
             self.learned.put(sought.learned, str(backend.id), time.monotonic())
 
-    def public(self, placed: Mapping[str, int]) -> dict[str, object]:
+    def public(self, stats: Stats) -> dict[str, object]:
         """For ``/_lb/health``: the sources, and what placed the new clients so far."""
         out: dict[str, object] = {
             "sources": self.kinds,
             "onFailure": self.config.on_failure,
-            "placed": placed_counts(placed),
+            "placed": stats.placed_by(),
         }
         if self.learned is not None:
             out["learnedSessions"] = len(self.learned)
         return out
-
-
-def placed_counts(placed: Mapping[str, int]) -> dict[str, int]:
-    return {source: placed.get(source, 0) for source in PLACED_BY}
 
 
 def _first_choice(pool: Pool, key: bytes) -> Backend | None:

@@ -34,6 +34,9 @@ DURATION_BUCKETS = (
 )
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 AFFINITY_RESULTS = ("new", "hit", "repinned", "invalid")
+# What places a client whose cookie names no backend that can take it: an affinity source
+# (``config.SOURCE_KINDS``), or else the strategy.
+PLACED_BY = ("header", "query", "ip", "learnCookie", "strategy")
 
 
 @dataclass(slots=True)
@@ -95,7 +98,9 @@ class Stats:
     """What happened in the balancer as a whole since start."""
 
     affinity: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # AFFINITY_RESULTS
-    placed: Counter[str] = field(default_factory=Counter)  # new clients, by what placed them
+    # Clients placed by an affinity source, by PLACED_BY index; the strategy's are the rest
+    # (``placed_by``), so a request the strategy places bumps one counter, not two.
+    placed: list[int] = field(default_factory=lambda: [0] * (len(PLACED_BY) - 1))
     own_answers: Counter[int] = field(default_factory=Counter)  # our own answers, by status
     queue_wait: Histogram = field(default_factory=Histogram)
     alerts: Counter[tuple[str, str]] = field(default_factory=Counter)  # (channel, result)
@@ -103,3 +108,10 @@ class Stats:
     def affinity_results(self) -> dict[str, int]:
         """The affinity counters by name (``AFFINITY_RESULTS``)."""
         return dict(zip(AFFINITY_RESULTS, self.affinity, strict=True))
+
+    def placed_by(self) -> dict[str, int]:
+        """Clients placed (those without a cookie naming a backend that could take them), by
+        what placed them (``PLACED_BY``)."""
+        new, _, repinned, invalid = self.affinity
+        by_sources = dict(zip(PLACED_BY, self.placed, strict=False))
+        return {**by_sources, "strategy": new + repinned + invalid - sum(self.placed)}
