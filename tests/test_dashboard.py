@@ -53,6 +53,7 @@ async def open_page(browser: Browser, url: str, **options: Any) -> Page:
     return page
 
 
+@pytest.mark.browser
 async def test_dashboard_follows_failures_and_drains_from_the_page(browser, tmp_path):
     async with backends("a", "b", "c") as (a, b, c):
         config = {
@@ -158,6 +159,7 @@ async def test_events_stream_for_scripts(tmp_path):
     } <= set(stats["backends"][0])
 
 
+@pytest.mark.browser
 async def test_the_demo_page_follows_a_failover(browser, tmp_path):
     proc = spawn(["-m", "stickylb", "demo", "--port", "0"], tmp_path, name="demo")
     try:
@@ -178,6 +180,7 @@ async def test_the_demo_page_follows_a_failover(browser, tmp_path):
         assert await asyncio.to_thread(proc.proc.wait, 20) == 0
 
 
+@pytest.mark.browser
 async def test_the_dashboard_shows_the_cluster_instances(browser, tmp_path):
     if REDIS_SERVER is None:
         if os.environ.get("REQUIRE_REDIS") == "1":
