@@ -15,8 +15,8 @@ Each worker has one socket pair to the supervisor, carrying JSON lines:
 
 So a change made through any worker reaches every other within a fraction of a second. The
 supervisor never blocks on a worker: a worker that does not read its socket for a second loses
-messages (with a log line), never the supervisor's loop. With ``cluster`` the same could go
-through Redis; without it the supervisor is the hub.
+messages (with a log line), never the supervisor's loop. With ``cluster`` the workers share
+through Redis instead (``cluster.py``: each worker is an instance) and close this channel.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ Each worker is a complete balancer with its own connection counts, health checks
 passive-failure view. Stickiness holds across workers because the cookie alone names the
 backend. Runtime changes made through one worker's API reach the others through the
 supervisor, which also gives each worker the others' connection counts (``group.py``). Alert
-mail is sent by worker 0 only, so owners get one mail per change, not N.
+mail is sent by worker 0 only, so owners get one mail per change, not N. With ``cluster`` each
+worker is an instance of the cluster instead, and the alerting lease picks the sender.
 """
 
 from __future__ import annotations
