@@ -928,6 +928,16 @@ def describe(config: Config) -> dict[str, Any]:
             mode="json", by_alias=True, exclude={"handler"}
         )
         data["unavailable"]["handler"] = _callable_name(config.unavailable.handler)
+    # Each source as written: its one kind (and a learnCookie's ttl and maxEntries), no nulls.
+    data["affinity"]["sources"] = [
+        source.model_dump(
+            mode="json",
+            by_alias=True,
+            exclude_none=True,
+            exclude=None if source.learn_cookie is not None else {"ttl", "max_entries"},
+        )
+        for source in config.affinity.sources
+    ]
     data["health"] = config.health.model_dump(mode="json", by_alias=True, exclude={"check"})
     data["health"]["check"] = _callable_name(config.health.check)
     data["backends"] = []

@@ -534,3 +534,27 @@ async def test_sources_through_the_command_line_and_a_reload_keeps_learned_sessi
         assert proc.stop() == 0
         for server in servers:
             await server.stop()
+
+
+def test_check_prints_each_source_as_written(tmp_path):
+    path = tmp_path / "c.json"
+    sources = [{"header": "X-Session-Id"}, {"learnCookie": "JSESSIONID", "maxEntries": 10}]
+    path.write_text(
+        json.dumps(
+            {
+                "port": 1,
+                "backends": [{"id": 0, "url": "http://127.0.0.1:1"}],
+                "affinity": {"sources": sources, "onFailure": "fail"},
+            }
+        )
+    )
+    result = run_cli(["--check", str(path)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout[: result.stdout.rindex("}") + 1])["affinity"]
+    assert printed == {
+        "sources": [
+            {"header": "X-Session-Id"},
+            {"learnCookie": "JSESSIONID", "ttl": "1800s", "maxEntries": 10},
+        ],
+        "onFailure": "fail",
+    }
