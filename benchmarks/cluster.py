@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
-
-import redis
 
 from . import ab, peers
 
@@ -29,27 +25,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     port = peers.free_port()
     folder = tempfile.mkdtemp(prefix="stickylb-redis-")
-    proc = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=folder,
-        stdout=subprocess.DEVNULL,
-    )
+    # Beside the load generator, off the proxy's core; nothing saved to disk.
+    command = [server, "--port", str(port), "--bind", "127.0.0.1"]
+    command += ["--save", "", "--appendonly", "no"]
+    redis = peers.start(command, port, "redis", peers.LOAD_CORE, cwd=folder)
     try:
-        client = redis.Redis(port=port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
         cluster = {"cluster": {"redis": f"redis://127.0.0.1:{port}/0", "name": "bench"}}
         return ab.main([*(argv or sys.argv[1:]), "--config", json.dumps(cluster)])
     finally:
-        proc.terminate()
-        proc.wait(10)
+        redis.stop()
         shutil.rmtree(folder, ignore_errors=True)
 
 

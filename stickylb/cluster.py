@@ -154,12 +154,13 @@ class Cluster:
                 log.error("cluster: the %s operation was not shared: Redis unavailable", op["op"])
 
     async def _share(self, op: dict[str, Any]) -> None:
-        entries = self._balancer.control.snapshot()["backends"]
+        control = self._balancer.control
         async with self._redis.pipeline(transaction=False) as pipe:
             if op.get("op") in ("state", "weight", "put", "delete"):
                 key = str(op.get("id"))
-                entry = entries.get(key)
-                if entry is None or op.get("op") == "delete":
+                backend = control.pool.find(key)
+                entry = control.entry(backend) if backend is not None else None
+                if not entry or op.get("op") == "delete":
                     pipe.hdel(self._backends_key, key)
                 else:
                     pipe.hset(self._backends_key, key, json.dumps(entry))

@@ -403,22 +403,23 @@ class Control:
 
     def snapshot(self) -> dict[str, Any]:
         """What the API changed, as the state file holds it."""
-        entries: dict[str, Any] = {}
-        for backend in self.pool.backends:
-            entry: dict[str, Any] = {}
-            if backend.admin_state != READY or backend in self._removals:
-                entry["adminState"] = backend.admin_state
-            if backend.weight_override is not None:
-                entry["weight"] = backend.weight_override
-            if backend.source != "config":
-                entry["source"] = backend.source
-                entry["backend"] = self._specs.get(backend, {"url": backend.config.url})
-                if backend.ttl is not None:
-                    entry["ttl"] = format_duration(backend.ttl)
-                    entry["expiresAt"] = backend.expires_at
-            if entry:
-                entries[str(backend.id)] = entry
+        entries = {str(b.id): entry for b in self.pool.backends if (entry := self.entry(b))}
         return {"version": 1, "backends": entries}
+
+    def entry(self, backend: Backend) -> dict[str, Any]:
+        """What the API changed of one backend (empty: nothing), as the state file holds it."""
+        entry: dict[str, Any] = {}
+        if backend.admin_state != READY or backend in self._removals:
+            entry["adminState"] = backend.admin_state
+        if backend.weight_override is not None:
+            entry["weight"] = backend.weight_override
+        if backend.source != "config":
+            entry["source"] = backend.source
+            entry["backend"] = self._specs.get(backend, {"url": backend.config.url})
+            if backend.ttl is not None:
+                entry["ttl"] = format_duration(backend.ttl)
+                entry["expiresAt"] = backend.expires_at
+        return entry
 
     def save(self) -> None:
         path = self._state_file

@@ -451,7 +451,7 @@ class RequestCycle:
                 p.forwarding.trusted,
             )
         if p.fail_closed:
-            held = pinned or (self._sought.held if self._sought is not None else None)
+            held = _held(p.pool, self._token, self._sought)
             if held is not None and not held.healthy:
                 log.debug(  # per request, and said once already by the health checker
                     "%s %s: backend %s is down and affinity.onFailure is fail: unavailable",

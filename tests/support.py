@@ -452,6 +452,17 @@ async def lb_status(lb_url: str) -> dict[str, Any]:
         return await resp.json()  # type: ignore[no-any-return]
 
 
+async def metric(lb_url: str, sample: str) -> float:
+    """One sample of ``/_lb/metrics``, named with its labels as the text format writes it
+    (``stickylb_cluster_connected``, ``stickylb_affinity_placed_total{source="header"}``)."""
+    async with aiohttp.ClientSession() as client, client.get(lb_url + "/_lb/metrics") as resp:
+        text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{sample} not in the metrics")
+
+
 async def wait_for_state(lb_url: str, backend_id: Any, healthy: bool, limit: float = 10) -> None:
     """Poll /_lb/health until the backend reaches the state (bounded in time)."""
     deadline = asyncio.get_running_loop().time() + limit

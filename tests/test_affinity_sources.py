@@ -10,6 +10,8 @@ import json
 import random
 import signal
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
@@ -23,11 +25,13 @@ from .support import (
     FAST_HEALTH,
     LISTEN_RE,
     NAME,
+    Running,
     backends,
     backends_config,
     balancer,
     client_session,
     lb_status,
+    metric,
     run_cli,
     spawn,
     start_app,
@@ -56,15 +60,6 @@ async def name_of(client: aiohttp.ClientSession, url: str, **kwargs) -> str:
     async with client.get(url, **kwargs) as resp:
         assert resp.status == 200, await resp.text()
         return await resp.text()
-
-
-async def metric(lb_url: str, line_start: str) -> float:
-    async with aiohttp.ClientSession() as client, client.get(lb_url + "/_lb/metrics") as resp:
-        text = await resp.text()
-    for line in text.splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{line_start} not in the metrics")
 
 
 # --- hashed keys -------------------------------------------------------------------------------
@@ -236,8 +231,14 @@ def session_app(name: str) -> web.Application:
     return app
 
 
-async def session_backends(*names: str):
-    return [await start_app(session_app(name), handle_signals=False) for name in names]
+@asynccontextmanager
+async def session_backends(*names: str) -> AsyncIterator[list[Running]]:
+    servers = [await start_app(session_app(name), handle_signals=False) for name in names]
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            await server.stop()
 
 
 async def login(client: aiohttp.ClientSession, url: str) -> tuple[str, str]:
@@ -246,14 +247,8 @@ async def login(client: aiohttp.ClientSession, url: str) -> tuple[str, str]:
 
 
 async def test_a_learned_session_cookie_brings_clients_back_to_the_backend_that_set_it():
-    servers = await session_backends("a", "b", "c")
-    try:
-        cfg = {
-            "port": 0,
-            "backends": backends_config(*servers),
-            "health": {"interval": "60s"},
-            "affinity": {"sources": [{"learnCookie": "JSESSIONID"}]},
-        }
+    async with session_backends("a", "b", "c") as servers:
+        cfg = config(*servers, sources=[{"learnCookie": "JSESSIONID"}])
         async with balancer(cfg) as lb, cookieless() as client:
             sessions = [await login(client, lb.url) for _ in range(9)]
             assert len({home for home, _ in sessions}) == 3
@@ -273,20 +268,11 @@ async def test_a_learned_session_cookie_brings_clients_back_to_the_backend_that_
             # An unknown session is placed by the strategy.
             await name_of(client, lb.url + "/", headers={"Cookie": "JSESSIONID=never-seen"})
             assert (await lb_status(lb.url))["affinity"]["placed"]["strategy"] >= 1
-    finally:
-        for server in servers:
-            await server.stop()
 
 
 async def test_learned_sessions_are_bounded_by_max_entries():
-    servers = await session_backends("a", "b")
-    try:
-        cfg = {
-            "port": 0,
-            "backends": backends_config(*servers),
-            "health": {"interval": "60s"},
-            "affinity": {"sources": [{"learnCookie": "JSESSIONID", "maxEntries": 5}]},
-        }
+    async with session_backends("a", "b") as servers:
+        cfg = config(*servers, sources=[{"learnCookie": "JSESSIONID", "maxEntries": 5}])
         async with balancer(cfg) as lb, cookieless() as client:
             sessions = [await login(client, lb.url) for _ in range(12)]
             status = await lb_status(lb.url)
@@ -298,20 +284,11 @@ async def test_learned_sessions_are_bounded_by_max_entries():
                 assert await name_of(client, lb.url + "/", headers=headers) == home
             placed = (await lb_status(lb.url))["affinity"]["placed"]
             assert placed["learnCookie"] == 5
-    finally:
-        for server in servers:
-            await server.stop()
 
 
 async def test_a_learned_session_whose_backend_is_down_moves_and_stays_moved():
-    servers = await session_backends("a", "b")
-    try:
-        cfg = {
-            "port": 0,
-            "backends": backends_config(*servers),
-            "health": FAST_HEALTH,
-            "affinity": {"sources": [{"learnCookie": "JSESSIONID"}]},
-        }
+    async with session_backends("a", "b") as servers:
+        cfg = config(*servers, sources=[{"learnCookie": "JSESSIONID"}], health=FAST_HEALTH)
         async with balancer(cfg) as lb, cookieless() as client:
             home, session = await login(client, lb.url)
             owner = next(s for s in servers if s.name == home)
@@ -324,9 +301,6 @@ async def test_a_learned_session_whose_backend_is_down_moves_and_stays_moved():
             await wait_for_state(lb.url, home, True)
             # The session was re-learned where it went: it does not bounce back.
             assert await name_of(client, lb.url + "/", headers=headers) == elsewhere
-    finally:
-        for server in servers:
-            await server.stop()
 
 
 # --- onFailure ------------------------------------------------------------------------------------
@@ -497,43 +471,36 @@ def test_a_bad_affinity_is_one_line_naming_the_field(tmp_path, affinity, problem
 
 
 async def test_sources_through_the_command_line_and_a_reload_keeps_learned_sessions(tmp_path):
-    servers = await session_backends("a", "b", "c")
     path = tmp_path / "config.json"
+    async with session_backends("a", "b", "c") as servers:
 
-    def write(sources: list[dict]) -> None:
-        data = {
-            "host": "127.0.0.1",
-            "port": 0,
-            "backends": backends_config(*servers),
-            "health": {"interval": "60s"},
-            "affinity": {"sources": sources},
-        }
-        path.write_text(json.dumps(data))
+        def write(sources: list[dict]) -> None:
+            path.write_text(json.dumps({**config(*servers, sources=sources), "host": "127.0.0.1"}))
 
-    write([{"header": "X-Session-Id"}, {"learnCookie": "JSESSIONID"}])
-    proc = spawn(["-m", "stickylb", str(path)], tmp_path, name="stickylb")
-    try:
-        url = proc.wait_for(LISTEN_RE.pattern).group(1)
-        async with cookieless() as client:
-            by_header = {
-                await name_of(client, url + "/", headers={"X-Session-Id": "carol"})
-                for _ in range(6)
-            }
-            assert len(by_header) == 1
-            home, session = await login(client, url)
-            headers = {"Cookie": f"JSESSIONID={session}"}
-            assert {await name_of(client, url + "/", headers=headers) for _ in range(6)} == {home}
-            write([{"learnCookie": "JSESSIONID"}, {"ip": True}])
-            proc.signal(signal.SIGHUP)
-            proc.wait_for("reloaded \\(by SIGHUP\\)")
-            assert {await name_of(client, url + "/", headers=headers) for _ in range(6)} == {home}
-            status = await lb_status(url)
-            assert status["affinity"]["sources"] == ["learnCookie", "ip"]
-            assert status["affinity"]["learnedSessions"] == 1
-    finally:
-        assert proc.stop() == 0
-        for server in servers:
-            await server.stop()
+        write([{"header": "X-Session-Id"}, {"learnCookie": "JSESSIONID"}])
+        proc = spawn(["-m", "stickylb", str(path)], tmp_path, name="stickylb")
+        try:
+            url = proc.wait_for(LISTEN_RE.pattern).group(1)
+            async with cookieless() as client:
+                by_header = {
+                    await name_of(client, url + "/", headers={"X-Session-Id": "carol"})
+                    for _ in range(6)
+                }
+                assert len(by_header) == 1
+                home, session = await login(client, url)
+                headers = {"Cookie": f"JSESSIONID={session}"}
+                homes = {await name_of(client, url + "/", headers=headers) for _ in range(6)}
+                assert homes == {home}
+                write([{"learnCookie": "JSESSIONID"}, {"ip": True}])
+                proc.signal(signal.SIGHUP)
+                proc.wait_for("reloaded \\(by SIGHUP\\)")
+                homes = {await name_of(client, url + "/", headers=headers) for _ in range(6)}
+                assert homes == {home}
+                status = await lb_status(url)
+                assert status["affinity"]["sources"] == ["learnCookie", "ip"]
+                assert status["affinity"]["learnedSessions"] == 1
+        finally:
+            assert proc.stop() == 0
 
 
 def test_check_prints_each_source_as_written(tmp_path):

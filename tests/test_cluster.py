@@ -32,6 +32,7 @@ from .support import (
     backends_config,
     free_port,
     lb_status,
+    metric,
     run_cli,
     spawn,
     spawn_balancer,
@@ -347,14 +348,6 @@ async def _receiver_got(receiver: Receiver, event: str) -> bool:
 # --- the store is never on the hot path ----------------------------------------------------
 
 
-async def metric(url: str, name: str) -> float:
-    async with aiohttp.ClientSession() as client, client.get(url + "/_lb/metrics") as resp:
-        for line in (await resp.text()).splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"{name} missing")
-
-
 async def test_redis_killed_under_load_loses_no_request_and_its_state_comes_back(tmp_path):
     own = RedisServer(tmp_path)  # this test kills its Redis: not the module's
     own.start()
@@ -465,8 +458,7 @@ def test_a_bad_cluster_config_is_one_line_naming_the_field(tmp_path):
 
 
 async def test_a_session_learned_by_one_instance_is_followed_by_the_others(store, tmp_path):
-    servers = await session_backends("x", "y", "z")
-    try:
+    async with session_backends("x", "y", "z") as servers:
         config = cluster_config(
             store, servers, affinity={"sources": [{"learnCookie": "JSESSIONID", "ttl": "5m"}]}
         )
@@ -498,6 +490,3 @@ async def test_a_session_learned_by_one_instance_is_followed_by_the_others(store
                     assert c.stop() == 0
         finally:
             assert a.stop() == 0 and b.stop() == 0
-    finally:
-        for server in servers:
-            await server.stop()

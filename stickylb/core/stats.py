@@ -15,6 +15,8 @@ import bisect
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..config import SOURCE_KINDS
+
 # Seconds: from a fast local answer to a slow one (Prometheus' defaults, plus 30 s and 60 s).
 DURATION_BUCKETS = (
     0.001,
@@ -34,9 +36,9 @@ DURATION_BUCKETS = (
 )
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 AFFINITY_RESULTS = ("new", "hit", "repinned", "invalid")
-# What places a client whose cookie names no backend that can take it: an affinity source
-# (``config.SOURCE_KINDS``), or else the strategy.
-PLACED_BY = ("header", "query", "ip", "learnCookie", "strategy")
+# What places a client whose cookie names no backend that can take it: an affinity source, or
+# else the strategy.
+PLACED_BY = (*SOURCE_KINDS, "strategy")
 
 
 @dataclass(slots=True)
